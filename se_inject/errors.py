@@ -1,0 +1,72 @@
+"""Exceptions and warnings raised by se_inject.
+
+Every error is an :class:`SEInjectError`, so ``except se_inject.SEInjectError`` catches them all;
+each also derives from the built-in exception a caller would expect (``TypeError`` for a wrong
+type, ``ValueError`` for a bad option), so generic handlers keep working. Messages name the module
+path involved and end with what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SEInjectError",
+    "NotAModuleError",
+    "OptionError",
+    "TraceError",
+    "ExampleInputError",
+    "VerificationError",
+    "RecipeError",
+    "UnknownModelError",
+    "SEInjectWarning",
+    "NoResidualAddsWarning",
+    "RefusedModuleWarning",
+    "GraphModuleRootWarning",
+]
+
+
+class SEInjectError(Exception):
+    """Base class of every error raised by se_inject."""
+
+
+class NotAModuleError(SEInjectError, TypeError):
+    """The object given is not a ``torch.nn.Module``."""
+
+
+class OptionError(SEInjectError, ValueError):
+    """An option is invalid or impossible (e.g. ``reduction=0``, a filter that matches nothing)."""
+
+
+class TraceError(SEInjectError):
+    """``torch.fx`` could trace no part of the model that could hold a residual add."""
+
+
+class ExampleInputError(SEInjectError):
+    """The model could not be run on the example input."""
+
+
+class VerificationError(SEInjectError):
+    """A traced graph does not reproduce its module's output (raised with ``strict=True``)."""
+
+
+class RecipeError(SEInjectError, ValueError):
+    """A saved se_inject directory is missing, corrupt, truncated or was not written by se_inject."""
+
+
+class UnknownModelError(SEInjectError, ValueError):
+    """A model name is not known to timm."""
+
+
+class SEInjectWarning(UserWarning):
+    """Base class of the warnings issued by se_inject."""
+
+
+class NoResidualAddsWarning(SEInjectWarning):
+    """The model has no residual add that can take an SE block; it is returned unchanged."""
+
+
+class RefusedModuleWarning(SEInjectWarning):
+    """A module's traced graph could not be verified, so its residual adds were left alone."""
+
+
+class GraphModuleRootWarning(SEInjectWarning):
+    """A residual add lives in the root module's own forward, so the root became a GraphModule."""

@@ -1,0 +1,223 @@
+"""What se_inject knows about the ops it meets in a graph.
+
+One place for the tables the tracer and the site finder share: which modules are convolutions,
+linears and norms (and where their channel dim is), which are activations, gates, regularisers or
+channel attention, and which functions and methods are shape-only or elementwise. Classes are
+matched with ``isinstance``, so subclasses (timm's ``StdConv2d``, ``BatchNormAct2d``) count too.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import timm.layers as timm_layers
+import torch
+import torchvision.ops as tv_ops
+from torch import nn
+from torch.nn import functional as F
+
+from .se_block import SEBlock
+
+__all__ = [
+    "CONV_TYPES",
+    "LINEAR_TYPES",
+    "NORM_TYPES",
+    "REGULARIZER_TYPES",
+    "ATTENTION_TYPES",
+    "is_primitive_leaf",
+    "module_channel_axis",
+    "is_activation_module",
+    "is_gate_module",
+    "module_has_weight_matrix",
+]
+
+
+def _timm(*names: str) -> tuple[type, ...]:
+    """The timm layer classes among ``names`` that this timm version has."""
+    return tuple(getattr(timm_layers, n) for n in names if hasattr(timm_layers, n))
+
+
+CONV_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd,)
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,)
+
+# Norms whose channel dim is 1 (N, C, *spatial). Checked before the channels-last table, which
+# holds nn.LayerNorm, the base class of timm's LayerNorm2d.
+_CHANNELS_FIRST_NORMS: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    tv_ops.FrozenBatchNorm2d,
+) + _timm(
+    "LayerNorm2d", "LayerNorm2dFp32", "LayerNormAct2d", "LayerNormAct2dFp32", "RmsNorm2d",
+    "RmsNorm2dFp32", "RmsNormAct2d", "RmsNormAct2dFp32", "SimpleNorm2d", "SimpleNorm2dFp32",
+    "FrozenBatchNormAct2d", "GroupNormAct", "GroupNorm1Act", "EvoNorm2dB0", "EvoNorm2dB1",
+    "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a", "EvoNorm2dS2",
+    "EvoNorm2dS2a", "FilterResponseNormAct2d", "FilterResponseNormTlu2d",
+)
+_CHANNELS_LAST_NORMS: tuple[type, ...] = (nn.LayerNorm, nn.RMSNorm) + _timm(
+    "RmsNorm", "RmsNormFp32", "RmsNormAct", "RmsNormActFp32", "SimpleNorm", "SimpleNormFp32",
+)
+NORM_TYPES: tuple[type, ...] = _CHANNELS_FIRST_NORMS + _CHANNELS_LAST_NORMS
+
+# Identity at inference; per-sample or per-element noise in training.
+REGULARIZER_TYPES: tuple[type, ...] = (
+    nn.Identity,
+    nn.modules.dropout._DropoutNd,
+    tv_ops.StochasticDepth,
+    tv_ops.DropBlock2d,
+    tv_ops.DropBlock3d,
+) + _timm("DropPath", "DropBlock2d")
+
+_POOL_TYPES: tuple[type, ...] = (
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+) + _timm("AvgPool2dSame", "MaxPool2dSame", "BlurPool2d")
+
+_UPSAMPLE_TYPES: tuple[type, ...] = (nn.Upsample,)
+
+# Channel attention, by module: a branch holding one of these already has it.
+ATTENTION_TYPES: tuple[type, ...] = (SEBlock, tv_ops.SqueezeExcitation) + _timm(
+    "SEModule", "SqueezeExcite", "EffectiveSEModule", "EffectiveSqueezeExcite", "EcaModule",
+    "EfficientChannelAttn", "CecaModule", "CircularEfficientChannelAttn", "GatherExcite",
+    "GlobalContext", "CbamModule", "LightCbamModule", "SelectiveKernel", "SplitAttn",
+)
+try:  # EfficientNet / MobileNetV3 blocks in timm use their own SqueezeExcite class.
+    from timm.models._efficientnet_blocks import SqueezeExcite as _EffSE
+
+    ATTENTION_TYPES += (_EffSE,)
+except ImportError:  # pragma: no cover - older or newer timm layouts
+    pass
+
+# Modules se_inject never traces into. torch.nn's own modules are leaves by fx's default rule.
+LEAF_TYPES: tuple[type, ...] = CONV_TYPES + LINEAR_TYPES + NORM_TYPES + REGULARIZER_TYPES + (SEBlock,)
+
+_ACTIVATION_MODULE_TYPES: tuple[type, ...] = tuple(
+    cls
+    for name, cls in vars(nn.modules.activation).items()
+    if isinstance(cls, type) and issubclass(cls, nn.Module)
+    and cls not in (nn.Module, nn.MultiheadAttention, nn.modules.activation.NonDynamicallyQuantizableLinear)
+)
+_GATE_MODULE_TYPES: tuple[type, ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softmax2d)
+
+_ACTIVATION_NAMES = frozenset({
+    "relu", "relu_", "relu6", "elu", "elu_", "selu", "celu", "gelu", "silu", "mish", "hardswish",
+    "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "prelu", "rrelu",
+    "softplus", "softsign", "tanh", "tanh_", "sigmoid", "sigmoid_", "logsigmoid", "softmax",
+    "log_softmax", "softmin", "glu", "threshold", "swish", "hard_swish", "hard_sigmoid",
+    "hard_mish", "gelu_tanh", "quick_gelu", "erf", "exp", "sqrt", "rsqrt", "reciprocal",
+    "scaled_dot_product_attention",
+})
+_GATE_NAMES = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hard_sigmoid", "softmax"})
+
+
+def _callable_name(target: Any) -> Optional[str]:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", None)
+
+
+def is_activation_call(op: str, target: Any) -> bool:
+    """Whether a ``call_function`` / ``call_method`` node applies a pointwise nonlinearity."""
+    if op not in ("call_function", "call_method"):
+        return False
+    name = _callable_name(target)
+    if name is None or name not in _ACTIVATION_NAMES:
+        return False
+    if op == "call_method":
+        return True
+    module = getattr(target, "__module__", "") or ""
+    return module.startswith(("torch", "timm")) or target in (torch.sigmoid, torch.tanh, torch.relu)
+
+
+def is_gate_call(op: str, target: Any) -> bool:
+    """Whether a ``call_function`` / ``call_method`` node is a sigmoid-like or softmax gate."""
+    return is_activation_call(op, target) and _callable_name(target) in _GATE_NAMES
+
+
+def is_activation_module(m: nn.Module) -> bool:
+    """An activation module, or a norm-activation layer whose activation is not the identity."""
+    if isinstance(m, _ACTIVATION_MODULE_TYPES):
+        return True
+    if type(m).__module__.startswith("timm.layers.activations"):
+        return True
+    act = getattr(m, "act", None)
+    return isinstance(m, NORM_TYPES) and isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
+
+
+def is_gate_module(m: nn.Module) -> bool:
+    """A sigmoid, hard-sigmoid or softmax module (timm's, torch's, or one named like them)."""
+    if isinstance(m, _GATE_MODULE_TYPES):
+        return True
+    name = type(m).__name__.lower()
+    return "sigmoid" in name or name in ("softmax", "radixsoftmax")
+
+
+def module_has_weight_matrix(m: nn.Module) -> bool:
+    """Whether ``m`` holds a parameter of 2+ dims (a conv or linear weight, inside or not)."""
+    return any(p.dim() >= 2 for p in m.parameters())
+
+
+def is_primitive_leaf(m: nn.Module) -> bool:
+    """A leaf that cannot hold a residual add: a conv, linear, norm, regulariser, torch.nn layer.
+
+    Leaves that are not primitive (timm's no-trace blocks such as ``NormFreeBlock``) are traced on
+    their own to look for residual adds inside them.
+    """
+    if isinstance(m, LEAF_TYPES) or isinstance(m, _POOL_TYPES + _UPSAMPLE_TYPES):
+        return True
+    if isinstance(m, nn.Sequential):
+        return False
+    return type(m).__module__.startswith(("torch.nn", "torch.ao.nn")) or is_activation_module(m)
+
+
+def module_channel_axis(m: nn.Module, out_shape: tuple[int, ...]) -> Optional[tuple[int, int]]:
+    """Channel dim and channel count of the output of leaf module ``m``, or None if unknown.
+
+    Convolutions (and conv-like leaves with ``out_channels`` and a weight of 3+ dims) and
+    channels-first norms put channels at dim 1; linears and channels-last norms at the last dim.
+    """
+    ndim = len(out_shape)
+    if isinstance(m, CONV_TYPES) or (
+        hasattr(m, "out_channels") and getattr(getattr(m, "weight", None), "dim", lambda: 0)() >= 3
+    ):
+        return 1, int(m.out_channels)
+    if isinstance(m, LINEAR_TYPES):
+        return ndim - 1, int(m.out_features)
+    if isinstance(m, _CHANNELS_FIRST_NORMS):
+        return (1, int(out_shape[1])) if ndim >= 2 else None
+    if isinstance(m, _CHANNELS_LAST_NORMS):
+        return ndim - 1, int(out_shape[-1])
+    return None
+
+
+# Ops that only move or re-view data, never mix values across elements.
+SHAPE_OPS = frozenset({
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as",
+    "contiguous", "clone", "to", "type", "float", "half", "bfloat16", "permute", "transpose",
+    "movedim", "swapaxes", "view_as", "reshape_as", "detach",
+})
+PERMUTING_OPS = frozenset({"permute", "transpose", "movedim", "swapaxes"})
+RESHAPING_OPS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
+                           "view_as", "reshape_as"})
+SPLIT_OPS = frozenset({"split", "chunk", "unbind", "tensor_split", "split_with_sizes"})
+MUL_TARGETS = (operator.mul, operator.imul, torch.mul, torch.Tensor.mul)
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+POOL_FUNCTIONS = frozenset({
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "interpolate", "pad",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "stochastic_depth",
+})
+CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d)
+MATMUL_NAMES = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "linear"})
+
+
+def target_name(target: Any) -> Optional[str]:
+    """The bare name of a call target (``"permute"`` for ``torch.permute`` or a method)."""
+    return _callable_name(target)
+
+
+def is_pool_module(m: nn.Module) -> bool:
+    return isinstance(m, _POOL_TYPES + _UPSAMPLE_TYPES)

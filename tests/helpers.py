@@ -1,0 +1,133 @@
+"""Shared helpers for the tests: small models with known residual structure, and graph checks."""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+from torch import fx, nn
+
+from se_inject import SEBlock, SitePlan
+from se_inject.sites import add_operands
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything about a model that se_inject must leave alone."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "modules": [(name, type(m)) for name, m in model.named_modules()],
+        "training": [m.training for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+        "attrs": [sorted(vars(m)) for m in model.modules()],
+    }
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    assert before["modules"] == after["modules"]
+    assert before["training"] == after["training"]
+    assert before["hooks"] == after["hooks"]
+    assert before["attrs"] == after["attrs"]
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def residual_adds_with_se(model: nn.Module, plan: SitePlan) -> Iterator[tuple[str, fx.GraphModule, fx.Node, fx.Node, fx.Node]]:
+    """For each site: (site name, block, SE node, branch operand, shortcut operand) after rewriting."""
+    for site in plan.sites:
+        gm = model.get_submodule(site.block) if site.block else model
+        assert isinstance(gm, fx.GraphModule), site.block
+        local = site.name.rsplit(".", 1)[-1]
+        (se_node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == local]
+        assert isinstance(gm.get_submodule(local), SEBlock)
+        node = se_node
+        while add_operands(node) is None:  # SE -> (drop path ...) -> add
+            (node,) = node.users
+        a, b = add_operands(node)
+        branch, shortcut = (a, b) if se_node in _ancestors(a) | {a} else (b, a)
+        yield site.name, gm, se_node, branch, shortcut
+
+
+def assert_shortcuts_untouched(model: nn.Module, plan: SitePlan) -> None:
+    """Every SE reads a branch and feeds its add; no SE lies on any shortcut operand's path."""
+    checked = 0
+    for name, gm, se_node, branch, shortcut in residual_adds_with_se(model, plan):
+        assert se_node in _ancestors(branch) | {branch}, name
+        for n in _ancestors(shortcut) | {shortcut}:
+            if n.op == "call_module":
+                assert not isinstance(gm.get_submodule(n.target), SEBlock), f"{name}: SE on the shortcut"
+        checked += 1
+    assert checked == len(plan.sites)
+
+
+class ResBlock(nn.Module):
+    """conv-bn-relu-conv-bn + shortcut; ``spelling`` picks how the add is written."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, spelling: str = "plus", dims: int = 2) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = conv(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(conv(cin, cout, 1, stride, bias=False), norm(cout))
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        if self.spelling == "plus":
+            out = out + shortcut
+        elif self.spelling == "reversed":
+            out = shortcut + out
+        elif self.spelling == "torch.add":
+            out = torch.add(out, shortcut)
+        elif self.spelling == "iadd":
+            out += shortcut
+        elif self.spelling == "add_":
+            out.add_(shortcut)
+        return self.relu(out)
+
+
+def small_resnet(dims: int = 2, spelling: str = "plus") -> nn.Sequential:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    return nn.Sequential(
+        conv(3, 16, 3, padding=1),
+        ResBlock(16, 16, spelling=spelling, dims=dims),
+        ResBlock(16, 32, stride=2, spelling=spelling, dims=dims),
+        ResBlock(32, 32, spelling=spelling, dims=dims),
+    )
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics so that eval outputs are not degenerate."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def deepcopy_eval(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval()

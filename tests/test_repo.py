@@ -1,0 +1,34 @@
+"""The repository's promises: README's commands, CI running exactly the README's test command."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert block, "README must open with a bash block of commands"
+    return [line.strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_opens_with_two_commands_install_and_test():
+    commands = readme_commands()
+    assert len(commands) == 2
+    assert commands[0].startswith("pip install -e . && ")
+    assert commands[1].startswith('pip install -e ".[test]" && ')
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert readme_commands()[1] in [line.strip() for line in ci]
+
+
+def test_quickstart_runs():
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "25,557,032 -> 28,088,024 parameters" in done.stdout
