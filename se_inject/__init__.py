@@ -2,9 +2,14 @@
 
 >>> import timm, se_inject
 >>> se_model = se_inject.apply(timm.create_model("resnet50"), reduction=16)  # doctest: +SKIP
+
+``apply`` / ``inject`` / ``find_sites`` rewrite or analyse a model; ``build_report`` measures what
+SE cost; ``save`` / ``load`` store a converted model as safetensors plus a JSON recipe.
 """
 
+from .checkpoint import load_checkpoint, read_state_dict
 from .errors import (
+    CheckpointError,
     ExampleInputError,
     GraphModuleRootWarning,
     NoResidualAddsWarning,
@@ -29,6 +34,8 @@ from .injection import (
     find_sites,
     inject,
 )
+from .recipe import load, save
+from .report import Report, build_report
 from .scopes import Untraceable
 from .se_block import SEBlock, se_hidden_channels
 from .sites import SKIP_REASONS
@@ -36,9 +43,16 @@ from .sites import SKIP_REASONS
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "inject", "find_sites", "default_example_inputs", "SEBlock", "se_hidden_channels", "SEOptions", "Site", "Skip",
-    "SitePlan", "Injection", "Untraceable", "SKIP_REASONS", "SEInjectError", "NotAModuleError",
-    "OptionError", "TraceError", "ExampleInputError", "VerificationError", "RecipeError",
-    "UnknownModelError", "SEInjectWarning", "NoResidualAddsWarning", "RefusedModuleWarning",
-    "GraphModuleRootWarning", "__version__",
+    # rewriting
+    "apply", "inject", "find_sites", "default_example_inputs", "SEOptions", "Injection", "SitePlan",
+    "Site", "Skip", "Untraceable", "SKIP_REASONS",
+    # the block
+    "SEBlock", "se_hidden_channels",
+    # reporting and files
+    "Report", "build_report", "save", "load", "read_state_dict", "load_checkpoint",
+    # errors and warnings
+    "SEInjectError", "NotAModuleError", "OptionError", "TraceError", "ExampleInputError",
+    "VerificationError", "RecipeError", "CheckpointError", "UnknownModelError", "SEInjectWarning",
+    "NoResidualAddsWarning", "RefusedModuleWarning", "GraphModuleRootWarning",
+    "__version__",
 ]

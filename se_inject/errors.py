@@ -16,6 +16,7 @@ __all__ = [
     "ExampleInputError",
     "VerificationError",
     "RecipeError",
+    "CheckpointError",
     "UnknownModelError",
     "SEInjectWarning",
     "NoResidualAddsWarning",
@@ -50,6 +51,10 @@ class VerificationError(SEInjectError):
 
 class RecipeError(SEInjectError, ValueError):
     """A saved se_inject directory is missing, corrupt, truncated or was not written by se_inject."""
+
+
+class CheckpointError(SEInjectError, ValueError):
+    """A weights file given with ``--checkpoint`` is missing, unreadable or not a state_dict."""
 
 
 class UnknownModelError(SEInjectError, ValueError):

@@ -16,12 +16,13 @@ The steps, each in its own module:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Type, Union
+from typing import Any, Iterator, Optional, Sequence, Type, Union
 
 import torch
 from torch import fx, nn
@@ -599,19 +600,31 @@ def _check_model(model: Any) -> None:
                               f"build the model first (e.g. timm.create_model(name)).")
 
 
-def _planned(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool
-             ) -> tuple[SitePlan, list[_Rewrite], dict[int, bool]]:
-    """Plan on ``model`` in eval mode, then give every module back its training flag."""
-    if not isinstance(strict, bool):
-        raise OptionError(f"strict must be True or False, got {strict!r}")
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[dict[int, bool]]:
+    """Put ``model`` in eval mode, then give every module back its own training flag.
+
+    Yields the saved flags, by ``id`` of the module.
+    """
     training = {id(m): m.training for m in model.modules()}
-    hooks = stash_hooks(model)
     model.eval()
     try:
-        plan, rewrites = _plan(model, options, inputs, strict)
+        yield training
     finally:
         for m in model.modules():
             m.training = training.get(id(m), m.training)
+
+
+def _planned(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool
+             ) -> tuple[SitePlan, list[_Rewrite], dict[int, bool]]:
+    """Plan on ``model`` in eval mode without its hooks, then restore both."""
+    if not isinstance(strict, bool):
+        raise OptionError(f"strict must be True or False, got {strict!r}")
+    hooks = stash_hooks(model)
+    try:
+        with eval_mode(model) as training:
+            plan, rewrites = _plan(model, options, inputs, strict)
+    finally:
         restore_hooks(model, hooks)
     return plan, rewrites, training
 

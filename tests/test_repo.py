@@ -32,3 +32,10 @@ def test_quickstart_runs():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "25,557,032 -> 28,088,024 parameters" in done.stdout
+
+
+def test_readme_report_is_current():
+    """The resnet50 report pasted in the README carries the figures the report computes."""
+    text = (ROOT / "README.md").read_text()
+    for figure in ("25,557,032", "28,088,024", "8,178,368,512", "8,183,398,400", "5,029,888"):
+        assert figure in text, figure

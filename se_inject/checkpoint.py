@@ -1,0 +1,78 @@
+"""Read weights for a source model from a file, without unpickling code.
+
+``.safetensors`` files are read with safetensors; anything else with
+``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = ["read_state_dict", "load_checkpoint"]
+
+_WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a ``.safetensors`` file or a torch file.
+
+    A torch checkpoint that wraps its state_dict under ``"state_dict"``, ``"model"`` or
+    ``"state_dict_ema"`` (timm's and torchvision's training scripts do) is unwrapped.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or holds no mapping of names to tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state: Any = safetensors.torch.load_file(str(path))
+        elif not zipfile.is_zipfile(path):
+            raise CheckpointError(f"checkpoint {path} is neither a .safetensors file nor a torch.save zip "
+                                  f"archive (corrupt, truncated or another format)")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not (isinstance(state, dict) and state and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise CheckpointError(f"checkpoint {path} does not hold a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Load the weights in ``path`` into ``model``, strictly: every key, every shape.
+
+    Raises:
+        CheckpointError: the file cannot be read (see :func:`read_state_dict`) or does not fit
+            ``model``; the message names the first missing, unexpected and mis-shaped tensors.
+    """
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong))
+                 if items]
+        raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,234 @@
+"""Save a converted model as safetensors weights plus a JSON recipe, and load it back.
+
+Nothing is pickled: the structure is rebuilt from the recipe (the timm model name and kwargs, then
+:func:`se_inject.inject` with the recorded options), the weights are read with safetensors, and
+both are checked: the sites must be the recorded ones, every tensor must be there with its shape,
+and the weights file must have the recorded SHA-256.
+
+A saved directory holds ``recipe.json`` and ``model.safetensors``::
+
+    {"format": "se_inject.recipe", "format_version": 1,
+     "source": {"library": "timm", "model": "resnet50", "kwargs": {}},
+     "options": {"reduction": 16, "rd_divisor": 8, ...}, "example_input_shape": [1, 3, 224, 224],
+     "sites": ["layer1.0.se", ...], "weights": {"file": "model.safetensors", "sha256": "..."},
+     "versions": {"se_inject": "...", "torch": "...", "timm": "...", "torchvision": "..."}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from .errors import OptionError, RecipeError, UnknownModelError
+from .injection import Injection, SEOptions, inject
+
+__all__ = ["save", "load", "read_recipe", "RECIPE_FILE", "WEIGHTS_FILE", "FORMAT", "FORMAT_VERSION"]
+
+RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "se_inject.recipe"
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _layer_name(value: Any, option: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise RecipeError(f"{option}={value!r} is a class; a recipe can only record layer names "
+                      f"(e.g. 'relu', 'sigmoid'). Pass the option by name to save this model.")
+
+
+def _options_dict(options: SEOptions) -> dict[str, Any]:
+    return {
+        "reduction": options.reduction,
+        "rd_divisor": options.rd_divisor,
+        "act_layer": _layer_name(options.act_layer, "act_layer"),
+        "gate_layer": _layer_name(options.gate_layer, "gate_layer"),
+        "identity_init": options.identity_init,
+        "include": None if options.include is None else list(options.include),
+        "exclude": list(options.exclude),
+        "min_channels": options.min_channels,
+    }
+
+
+def save(
+    result: Injection,
+    directory: Union[str, os.PathLike],
+    *,
+    model_name: str,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``result`` to ``directory`` as ``model.safetensors`` and ``recipe.json``.
+
+    Args:
+        result: what :func:`se_inject.inject` returned for a timm model.
+        directory: where to write (created if missing).
+        model_name: the timm name the model was built from (``"resnet50"``).
+        model_kwargs: the keyword arguments it was built with (JSON-serialisable), e.g.
+            ``{"num_classes": 10}``.
+        overwrite: replace files already in ``directory``.
+
+    Returns:
+        The path of the recipe.
+
+    Raises:
+        RecipeError: files exist and ``overwrite`` is False, the kwargs are not JSON, or an option
+            cannot be recorded.
+    """
+    kwargs = dict(model_kwargs or {})
+    try:
+        json.dumps(kwargs)
+    except TypeError as e:
+        raise RecipeError(f"model_kwargs must be JSON-serialisable to be recorded: {e}") from e
+    options = _options_dict(result.plan.options)
+    out = Path(directory)
+    recipe_path, weights_path = out / RECIPE_FILE, out / WEIGHTS_FILE
+    if not overwrite and (recipe_path.exists() or weights_path.exists()):
+        raise RecipeError(f"{out} already holds a saved model; pass overwrite=True (--overwrite) to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_model(result.model, str(weights_path))
+    recipe = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": {"library": "timm", "model": model_name, "kwargs": kwargs},
+        "options": options,
+        "example_input_shape": list(result.plan.input_shapes[0]) if result.plan.input_shapes else None,
+        "sites": [s.name for s in result.plan.sites],
+        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights_path)},
+        "versions": {"se_inject": _version(), "torch": torch.__version__, "timm": timm.__version__,
+                     "torchvision": torchvision.__version__},
+    }
+    recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
+    return recipe_path
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _require(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise RecipeError(f"{path} is not a valid se_inject recipe: {what}")
+
+
+def read_recipe(directory: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Read and validate ``recipe.json`` in ``directory`` (nothing is built or loaded).
+
+    Raises:
+        RecipeError: the file is missing, not JSON, not an se_inject recipe, of a newer format
+            version, or has a missing or mistyped field; the message says which.
+    """
+    path = Path(directory) / RECIPE_FILE
+    if not path.is_file():
+        raise RecipeError(f"{path} does not exist; pass a directory written by se_inject.save / se-inject convert")
+    try:
+        recipe = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecipeError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from e
+    _require(isinstance(recipe, dict) and recipe.get("format") == FORMAT, path,
+             f"it has no \"format\": \"{FORMAT}\" field (written by another tool?)")
+    version = recipe.get("format_version")
+    _require(isinstance(version, int), path, "format_version is missing")
+    if version > FORMAT_VERSION:
+        raise RecipeError(f"{path} has format version {version}; this se_inject reads version "
+                          f"{FORMAT_VERSION}. Upgrade se_inject.")
+    source, options, sites, weights = (recipe.get(k) for k in ("source", "options", "sites", "weights"))
+    _require(isinstance(source, dict) and source.get("library") == "timm" and isinstance(source.get("model"), str)
+             and isinstance(source.get("kwargs", {}), dict), path, "source must name a timm model")
+    _require(isinstance(options, dict), path, "options is missing")
+    _require(isinstance(sites, list) and all(isinstance(s, str) for s in sites), path, "sites must be a list of names")
+    _require(isinstance(weights, dict) and isinstance(weights.get("file"), str)
+             and isinstance(weights.get("sha256"), str), path, "weights must give a file and its sha256")
+    _require("/" not in weights["file"] and "\\" not in weights["file"] and weights["file"] not in ("", ".", ".."),
+             path, "the weights file must be a plain file name inside the directory")
+    shape = recipe.get("example_input_shape")
+    _require(shape is None or (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)),
+             path, "example_input_shape must be a list of positive integers")
+    return recipe
+
+
+def load(directory: Union[str, os.PathLike]) -> nn.Module:
+    """Rebuild a model saved by :func:`save` (or ``se-inject convert``) and load its weights.
+
+    The model is built from the recipe with random weights (timm's ``pretrained=False``), SE is
+    applied with the recorded options, the sites are checked against the recorded list, and the
+    weights are loaded strictly from safetensors. Returns the model in eval mode.
+
+    Raises:
+        RecipeError: the recipe is invalid (see :func:`read_recipe`), the weights file is missing,
+            corrupt, truncated or does not match the recipe's checksum, or its tensors do not match
+            the model (missing, extra or mis-shaped tensors are named).
+        UnknownModelError: the recipe names a model this timm does not have.
+    """
+    directory = Path(directory)
+    recipe = read_recipe(directory)
+    weights_path = directory / recipe["weights"]["file"]
+    if not weights_path.is_file():
+        raise RecipeError(f"{weights_path} does not exist; the recipe needs its weights file beside it")
+    if _sha256(weights_path) != recipe["weights"]["sha256"]:
+        raise RecipeError(f"{weights_path} does not match the SHA-256 recorded in the recipe "
+                          f"(corrupt, truncated or replaced)")
+    try:
+        with safetensors.safe_open(str(weights_path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers and sizes
+        raise RecipeError(f"{weights_path} is not a readable safetensors file: {e}") from e
+
+    name, kwargs = recipe["source"]["model"], recipe["source"].get("kwargs", {})
+    if not timm.is_model(name):
+        raise UnknownModelError(f"the recipe in {directory} names {name!r}, which timm {timm.__version__} "
+                                f"does not have")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    shape = recipe.get("example_input_shape")
+    try:
+        result = inject(model, example_inputs=torch.randn(shape) if shape else None, **recipe["options"])
+    except (TypeError, OptionError) as e:
+        raise RecipeError(f"{directory / RECIPE_FILE} has invalid options: {e}") from e
+    sites = [s.name for s in result.plan.sites]
+    if sites != recipe["sites"]:
+        missing = sorted(set(recipe["sites"]) - set(sites))[:5]
+        extra = sorted(set(sites) - set(recipe["sites"]))[:5]
+        raise RecipeError(f"rebuilding {name} gives other SE sites than the recipe records "
+                          f"(recorded but not found: {missing}; found but not recorded: {extra}); "
+                          f"the se_inject or timm version probably differs")
+    _load_exact(result.model, tensors, weights_path)
+    return result.model.eval()
+
+
+def _load_exact(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict(keep_vars=True)
+    # safetensors stores one copy of tied tensors; the model's other names for them are aliases.
+    aliases = {k for k, v in expected.items() if k not in tensors and any(
+        v is expected[j] for j in tensors if j in expected)}
+    missing = sorted(set(expected) - set(tensors) - aliases)
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise RecipeError(f"{path} does not match the model: missing tensors {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {extra[:5]}"
+                          f"{' ...' if len(extra) > 5 else ''}")
+    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in tensors if tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise RecipeError(f"{path} has tensors of the wrong shape: {wrong[:5]}")
+    model.load_state_dict(dict(tensors), strict=False)
+
