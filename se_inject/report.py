@@ -154,7 +154,7 @@ def build_report(original: nn.Module, result: Injection, example_inputs: Sequenc
     sites = []
     for site in result.plan.sites:
         se = result.model.get_submodule(site.name)
-        gain = se.gain if isinstance(se, SEBlock) else 1.0
+        gain = float(se.gain) if isinstance(se, SEBlock) else 1.0
         sites.append(SiteCost(
             name=site.name, block=site.block, channels=site.channels, hidden=site.hidden,
             feature_map=tuple(site.shape[2:]), params=sum(p.numel() for p in se.parameters()),

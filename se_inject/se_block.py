@@ -93,7 +93,8 @@ class SEBlock(nn.Module):
         act_layer: activation between ``fc1`` and ``fc2`` (a class or a name in ``ACT_LAYERS``).
         gate_layer: gate producing the channel weights (a class or a name in ``GATE_LAYERS``).
         spatial_dims: 1, 2 or 3 for (N, C, L), (N, C, H, W) or (N, C, T, H, W) inputs.
-        gain: constant the gate is multiplied by (2.0 after :meth:`init_identity_`).
+        gain: constant the gate is multiplied by (2.0 after :meth:`init_identity_`); see
+            :meth:`set_gain_`.
 
     Example:
         >>> se = SEBlock(64)
@@ -129,7 +130,6 @@ class SEBlock(nn.Module):
         self.channels = channels
         self.rd_channels = rd_channels
         self.spatial_dims = spatial_dims
-        self.gain = float(gain)
         self.fc1 = conv(channels, rd_channels, kernel_size=1, bias=True, **dd)
         act_cls = resolve_layer(act_layer, ACT_LAYERS, "act_layer")
         try:
@@ -138,6 +138,7 @@ class SEBlock(nn.Module):
             self.act = act_cls()
         self.fc2 = conv(rd_channels, channels, kernel_size=1, bias=True, **dd)
         self.gate = resolve_layer(gate_layer, GATE_LAYERS, "gate_layer")()
+        self.set_gain_(gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Squeeze: one value per (sample, channel). The excitation runs as F.linear on the 1x1
@@ -148,9 +149,27 @@ class SEBlock(nn.Module):
         s = self.act(s)
         s = F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias)
         g = self.gate(s)
-        if self.gain != 1.0:
+        if "gain" in self._buffers:
             g = g * self.gain
         return x * g.view(g.shape + (1,) * (x.dim() - 2))
+
+    def set_gain_(self, gain: float) -> "SEBlock":
+        """Set the constant the gate is multiplied by.
+
+        A gain of 1 is a plain attribute, so the state_dict is exactly timm's ``SEModule``'s.
+        Any other gain is a buffer named ``gain``: a state_dict of such a block does not load
+        into a gain-1 block (or the reverse) without an error, because the two compute different
+        functions with the same weights.
+        """
+        gain = float(gain)
+        if "gain" in self._buffers:
+            del self._buffers["gain"]
+        if gain == 1.0:
+            self.__dict__["gain"] = 1.0
+        else:
+            self.__dict__.pop("gain", None)
+            self.register_buffer("gain", torch.tensor(gain, device=self.fc1.weight.device))
+        return self
 
     @torch.no_grad()
     def init_identity_(self) -> "SEBlock":
@@ -184,8 +203,7 @@ class SEBlock(nn.Module):
         w2[:, k : 2 * k] = -w2[:, :k]
         w2[:, 2 * k :] = 0.0
         self.fc2.bias.zero_()
-        self.gain = 2.0
-        return self
+        return self.set_gain_(2.0)
 
     def extra_repr(self) -> str:
-        return f"gain={self.gain}" if self.gain != 1.0 else ""
+        return f"gain={float(self.gain)}" if "gain" in self._buffers else ""

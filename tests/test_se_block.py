@@ -53,7 +53,7 @@ def test_identity_init_returns_the_input(hidden, mode):
     se = SEBlock(64, rd_channels=hidden).init_identity_().train(mode == "train")
     x = torch.randn(4, 64, 9, 9) * 3
     torch.testing.assert_close(se(x), x, rtol=1e-6, atol=1e-6)
-    assert se.gain == 2.0
+    assert float(se.gain) == 2.0
 
 
 def test_identity_init_lets_every_parameter_learn():
@@ -85,3 +85,16 @@ def test_unknown_layer_names_list_the_valid_ones():
 def test_bad_spatial_dims():
     with pytest.raises(OptionError, match="spatial_dims must be 1, 2 or 3"):
         SEBlock(32, spatial_dims=4)
+
+
+def test_identity_init_gain_is_state_so_mixing_it_up_fails_loudly():
+    plain, warm = SEBlock(64), SEBlock(64).init_identity_()
+    assert "gain" not in plain.state_dict() and float(warm.state_dict()["gain"]) == 2.0
+    with pytest.raises(RuntimeError, match="Unexpected key.*gain"):
+        plain.load_state_dict(warm.state_dict())
+    with pytest.raises(RuntimeError, match="Missing key.*gain"):
+        SEBlock(64).init_identity_().load_state_dict(plain.state_dict())
+    restored = SEBlock(64).init_identity_()
+    restored.load_state_dict(warm.state_dict())
+    x = torch.randn(2, 64, 4, 4)
+    torch.testing.assert_close(restored(x), warm(x))
