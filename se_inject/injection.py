@@ -38,7 +38,15 @@ from .errors import (
     VerificationError,
 )
 from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
-from .scopes import Scope, Untraceable, discover_scopes, join_path, outputs_match, propagate_shapes
+from .scopes import (
+    Scope,
+    TracedRootFails,
+    Untraceable,
+    discover_scopes,
+    join_path,
+    outputs_match,
+    propagate_shapes,
+)
 from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, resolve_layer, se_hidden_channels
 from .sites import SKIP_REASONS, ResidualAdd, SkippedAdd, classify_adds
 from .tracer import copy_hooks, graph_module_like, restore_hooks, stash_hooks, trace
@@ -347,12 +355,15 @@ def _extract_block(
     else:
         region = [n for n in nodes if key in n.meta.get("nn_module_stack", {})]
     region_set = set(region)
+    # Blocks already rewritten inside this one become single calls; only the outermost of them
+    # (a block nested in another inner block is inside that block's call).
+    inside = [rw for rw in inner if rw.scope is scope and rw.region <= region_set]
+    outermost = [rw for rw in inside if not any(rw is not o and rw.region < o.region for o in inside)]
     collapsed: set[fx.Node] = set()
     by_output: dict[fx.Node, _Rewrite] = {}
-    for rw in inner:
-        if rw.scope is scope and rw.region <= region_set:
-            collapsed |= rw.region
-            by_output[rw.output_node] = rw  # type: ignore[index]
+    for rw in outermost:
+        collapsed |= rw.region
+        by_output[rw.output_node] = rw  # type: ignore[index]
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -449,16 +460,26 @@ def _plan(
     model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...], strict: bool
 ) -> tuple[SitePlan, list[_Rewrite]]:
     """Everything but the swap: find the sites, build and verify the rewritten blocks."""
-    scopes, untraceable = discover_scopes(model)
-    if not scopes:
-        first = untraceable[0].error if untraceable else "no module"
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__} (path '<root>') or any submodule that "
-            f"could hold a residual add: {first}. Make the forward free of data-dependent control "
-            f"flow, or apply se_inject to a traceable submodule."
-        )
-    traced_output, failed = propagate_shapes(model, scopes, example_inputs)
-    untraceable += failed
+    # Trace; where a traced graph turns out not to run on what its module receives, trace that
+    # module's children instead, and again, until every scope runs.
+    skip: dict[str, str] = {}
+    while True:
+        scopes, untraceable = discover_scopes(model, skip=skip)
+        if not scopes:
+            first = untraceable[0].error if untraceable else "no module"
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__} (path '<root>') or any submodule that "
+                f"could hold a residual add: {first}. Make the forward free of data-dependent control "
+                f"flow, or apply se_inject to a traceable submodule."
+            )
+        try:
+            traced_output, failed = propagate_shapes(model, scopes, example_inputs)
+        except TracedRootFails as e:
+            skip[""] = str(e)
+            continue
+        if not failed:
+            break
+        skip.update({f.path: f.error for f in failed})
     if scopes[0].path == "":  # the traced model must reproduce the model itself
         with torch.no_grad():
             scopes[0].faithful = outputs_match(model(*example_inputs), traced_output) is None

@@ -55,8 +55,16 @@ _CHANNELS_FIRST_NORMS: tuple[type, ...] = (
     "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a", "EvoNorm2dS2",
     "EvoNorm2dS2a", "FilterResponseNormAct2d", "FilterResponseNormTlu2d",
 )
+try:  # torchvision's ConvNeXt LayerNorm2d: an nn.LayerNorm that permutes to normalise dim 1
+    from torchvision.models.convnext import LayerNorm2d as _TvLayerNorm2d
+
+    _CHANNELS_FIRST_NORMS += (_TvLayerNorm2d,)
+except ImportError:  # pragma: no cover
+    pass
+# Norms over the last dim, by exact type: a subclass may permute (as the LayerNorm2d classes do).
 _CHANNELS_LAST_NORMS: tuple[type, ...] = (nn.LayerNorm, nn.RMSNorm) + _timm(
-    "RmsNorm", "RmsNormFp32", "RmsNormAct", "RmsNormActFp32", "SimpleNorm", "SimpleNormFp32",
+    "LayerNorm", "LayerNormFp32", "LayerNormAct", "LayerNormActFp32", "RmsNorm", "RmsNormFp32",
+    "RmsNormAct", "RmsNormActFp32", "SimpleNorm", "SimpleNormFp32",
 )
 NORM_TYPES: tuple[type, ...] = _CHANNELS_FIRST_NORMS + _CHANNELS_LAST_NORMS
 
@@ -173,6 +181,12 @@ def is_primitive_leaf(m: nn.Module) -> bool:
     return type(m).__module__.startswith(("torch.nn", "torch.ao.nn")) or is_activation_module(m)
 
 
+def is_channels_last_norm(m: nn.Module, shape: tuple[int, ...]) -> bool:
+    """A norm over the last dim (LayerNorm, RMSNorm) of a ``shape`` tensor: channels are last."""
+    axis = module_channel_axis(m, shape) if isinstance(m, NORM_TYPES) else None
+    return axis is not None and len(shape) > 2 and axis[0] == len(shape) - 1
+
+
 def module_channel_axis(m: nn.Module, out_shape: tuple[int, ...]) -> Optional[tuple[int, int]]:
     """Channel dim and channel count of the output of leaf module ``m``, or None if unknown.
 
@@ -188,8 +202,18 @@ def module_channel_axis(m: nn.Module, out_shape: tuple[int, ...]) -> Optional[tu
         return ndim - 1, int(m.out_features)
     if isinstance(m, _CHANNELS_FIRST_NORMS):
         return (1, int(out_shape[1])) if ndim >= 2 else None
-    if isinstance(m, _CHANNELS_LAST_NORMS):
+    if type(m) in _CHANNELS_LAST_NORMS:
         return ndim - 1, int(out_shape[-1])
+    if isinstance(m, _CHANNELS_LAST_NORMS):
+        # A subclass with a forward of its own: the normalised size says where the channels are,
+        # since the layer_norm it calls can only act on a last dim of that size.
+        size = getattr(m, "normalized_shape", None) or (getattr(m, "weight", None) is not None and m.weight.shape)
+        size = tuple(size) if size else ()
+        if len(size) != 1 or ndim < 3:
+            return None
+        last, first = out_shape[-1] == size[0], out_shape[1] == size[0]
+        if last != first:
+            return (ndim - 1, size[0]) if last else (1, size[0])
     return None
 
 

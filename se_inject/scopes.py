@@ -4,9 +4,9 @@ A *scope* is a module traced as its own root. The model is one scope when fx can
 when it cannot, each child is tried in turn. Leaves that are not primitive (timm's no-trace
 blocks such as ``NormFreeBlock``) become scopes of their own, since they can hold residual adds.
 
-Shapes come from one forward on the example input: ``ShapeProp`` runs the top scope, forward
-pre-hooks record the inputs each nested scope receives, and ``ShapeProp`` runs those scopes on
-what they received.
+Shapes come from one forward on the example input: :class:`ShapeRecorder` runs the top scope,
+forward pre-hooks record the inputs each nested scope receives, and the recorder runs those
+scopes on what they received.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from typing import Any, Optional
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ExampleInputError
 from .ops import is_primitive_leaf
 from .tracer import trace
 
-__all__ = ["Scope", "Untraceable", "discover_scopes", "propagate_shapes", "outputs_match", "join_path"]
+__all__ = ["Scope", "Untraceable", "ShapeRecorder", "TracedRootFails", "discover_scopes", "propagate_shapes", "outputs_match", "join_path"]
 
 
 def join_path(*parts: str) -> str:
@@ -70,8 +71,16 @@ class Untraceable:
     error: str
 
 
-def discover_scopes(model: nn.Module) -> tuple[list[Scope], list[Untraceable]]:
-    """Trace ``model`` into scopes, parents before children; report what could not be traced."""
+def discover_scopes(
+    model: nn.Module, *, skip: Optional[dict[str, str]] = None
+) -> tuple[list[Scope], list[Untraceable]]:
+    """Trace ``model`` into scopes, parents before children; report what could not be traced.
+
+    Args:
+        skip: module paths not to trace as a whole (their children are tried), with the reason
+            to report; used for modules whose traced graph turned out not to run.
+    """
+    skip = skip or {}
     scopes: list[Scope] = []
     untraceable: list[Untraceable] = []
     seen: set[int] = set()
@@ -81,9 +90,12 @@ def discover_scopes(model: nn.Module) -> tuple[list[Scope], list[Untraceable]]:
             return
         seen.add(id(module))
         try:
+            if path in skip:
+                raise _NotTraced(skip[path])
             gm = trace(module)
         except Exception as e:  # fx raises many types; all mean "not traceable as a whole"
-            untraceable.append(Untraceable(path, f"{type(e).__name__}: {e}".splitlines()[0]))
+            reason = str(e) if isinstance(e, _NotTraced) else f"{type(e).__name__}: {e}".splitlines()[0]
+            untraceable.append(Untraceable(path, reason))
             for name, child in module.named_children():
                 visit(child, join_path(path, name))
             return
@@ -96,21 +108,49 @@ def discover_scopes(model: nn.Module) -> tuple[list[Scope], list[Untraceable]]:
     return scopes, untraceable
 
 
+class _NotTraced(Exception):
+    """The root is known not to run as a traced graph."""
+
+
+class TracedRootFails(Exception):
+    """The model's traced graph fails on the example input although the model itself runs."""
+
+
 def _run_scope(scope: Scope) -> Any:
     signature = inspect.signature(scope.gm.forward)
     bound = signature.bind(*(scope.args or ()), **scope.kwargs)
     bound.apply_defaults()
-    return ShapeProp(scope.gm).run(*bound.arguments.values())
+    return ShapeRecorder(scope.gm).run(*bound.arguments.values())
 
 
-class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it is running, to say where a failure happened."""
+class ShapeRecorder(fx.Interpreter):
+    """Run a GraphModule and record the shape and dtype of every node's output.
+
+    Records ``node.meta["tensor_meta"]`` as ``torch.fx.passes.shape_prop.ShapeProp`` does (same
+    ``TensorMetadata`` type, so the site finder reads either), with two differences that matter
+    in a library: a failing node is not printed to stderr (ShapeProp prints a traceback before
+    re-raising), and strides and memory formats, which se_inject does not use, are not computed.
+    ``current`` is the node being run, to say where a failure happened.
+    """
 
     current: Optional[fx.Node] = None
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        found = False
+
+        def describe(value: Any) -> Any:
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return TensorMetadata(value.shape, value.dtype, value.requires_grad, (), None, False, {})
+            return value
+
+        meta = map_aggregate(result, describe)
+        if found:
+            n.meta["tensor_meta"] = meta
+        return result
 
 
 def _node_path(node: fx.Node) -> str:
@@ -129,14 +169,14 @@ def propagate_shapes(
 ) -> tuple[Any, list[Untraceable]]:
     """Annotate every scope's nodes with shapes from one forward of ``model`` on the inputs.
 
-    The top scope (the model itself, when traced) runs under ``ShapeProp``; nested scopes run
-    under ``ShapeProp`` on the inputs they received, and each is checked against the output its
+    The top scope (the model itself, when traced) runs under :class:`ShapeRecorder`; nested
+    scopes run under it on the inputs they received, and each is checked against the output its
     module gave in that forward (``Scope.faithful``). Nested scopes whose graph fails to run are
     removed from ``scopes`` and returned as :class:`Untraceable`.
 
     Returns:
         (output of the top scope's graph, or of the model when its root is not traced;
-        the list of nested scopes that failed).
+        the nested scopes whose graph failed to run, which callers can trace child by child).
 
     Raises:
         ExampleInputError: the model does not run on ``example_inputs``.
@@ -160,7 +200,7 @@ def propagate_shapes(
 
     handles = [s.module.register_forward_pre_hook(pre_hook(s), with_kwargs=True) for s in nested]
     handles += [s.module.register_forward_hook(post_hook(s)) for s in nested]
-    prop = _ShapeProp(top.gm) if top is not None else None
+    prop = ShapeRecorder(top.gm) if top is not None else None
     try:
         with torch.no_grad():
             if prop is not None:
@@ -169,6 +209,15 @@ def propagate_shapes(
             else:
                 result = model(*example_inputs)
     except Exception as e:
+        if prop is not None:
+            try:
+                model(*example_inputs)
+            except Exception:
+                pass
+            else:  # fx traced something the model does not do: trace its children instead
+                failing = _node_path(prop.current) if prop.current is not None else "<root>"
+                raise TracedRootFails(f"the traced graph fails at {failing}: {type(e).__name__}: "
+                                      f"{(str(e).strip().splitlines() or [''])[0]}") from e
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
         cause = e
         while cause.__cause__ is not None:
@@ -192,7 +241,8 @@ def propagate_shapes(
             try:
                 traced_output = _run_scope(scope)
             except Exception as e:
-                failed.append(Untraceable(scope.path, f"traced graph fails to run: {type(e).__name__}: {e}"))
+                first = (str(e).strip().splitlines() or [""])[0]
+                failed.append(Untraceable(scope.path, f"the traced graph fails to run: {type(e).__name__}: {first}"))
                 continue
             scope.faithful = outputs_match(outputs.get(id(scope)), traced_output) is None
     failed_paths = {f.path for f in failed}

@@ -1,7 +1,7 @@
 """Find the residual adds of a traced graph: which operand is the branch, which the shortcut.
 
 :func:`classify_adds` is a pure function over a ``GraphModule`` whose nodes carry shapes
-(``node.meta["tensor_meta"]`` from ``torch.fx.passes.shape_prop.ShapeProp``). For every add it
+(``node.meta["tensor_meta"]``, from :class:`se_inject.scopes.ShapeRecorder` or torch's ``ShapeProp``). For every add it
 returns either a :class:`ResidualAdd` (where an SE block goes) or a :class:`SkippedAdd` with a
 reason code from :data:`SKIP_REASONS`. The rules, and why each exists, are in the README
 ("What counts as a residual add"). In short, an add ``a + b`` is residual when:
@@ -244,11 +244,27 @@ class _Graph:
             return self._permuted_axis(node, parent_axis, parent_shape)
         if name in ops.RESHAPING_OPS or name == "flatten":
             return _reshaped_axis(parent_axis, parent_shape, shape)
+        if name in ("cat", "concat", "concatenate"):
+            return self._concatenated_axis(node, shape)
+        if node.target is operator.getitem:
+            return _sliced_axis(node, parent_axis, shape)
         # Elementwise or shape-keeping ops: the channel dim is the one of the input of that shape.
         for inp in self.data_inputs(node):
             if _shape(inp) == shape:
                 return self.channel_axis(inp)
         return None
+
+    def _concatenated_axis(self, node: fx.Node, shape: tuple[int, ...]) -> Optional[tuple[int, int]]:
+        """Through ``cat``: the channel dim of the result is the one all the inputs agree on."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        if not isinstance(tensors, (list, tuple)) or not tensors:
+            return None
+        axes = {self.channel_axis(t)[0] if isinstance(t, fx.Node) and self.channel_axis(t) else None
+                for t in tensors}
+        if len(axes) != 1 or None in axes:
+            return None
+        (axis,) = axes
+        return axis, shape[axis]
 
     def _same_rank_axis(self, parent: fx.Node, shape: tuple[int, ...]) -> Optional[tuple[int, int]]:
         axis = self.channel_axis(parent)
@@ -299,6 +315,55 @@ def _reshaped_axis(
     return None
 
 
+def _sliced_axis(
+    node: fx.Node, axis: tuple[int, int], shape: tuple[int, ...]
+) -> Optional[tuple[int, int]]:
+    """Through basic slicing (``x[:, :c]``, ``x[..., 1:]``): slices keep every dim in place."""
+    index = node.args[1] if len(node.args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(i, slice) or i is Ellipsis for i in items) or list(items).count(Ellipsis) > 1:
+        return None
+    if any(isinstance(v, fx.Node) for i in items if isinstance(i, slice) for v in (i.start, i.stop, i.step)):
+        return None
+    return axis[0], shape[axis[0]]
+
+
+def _reselects_cat_input(node: fx.Node) -> bool:
+    """Whether ``node`` is a slice of a ``cat`` that selects exactly one of its inputs."""
+    source, index = node.args[0], node.args[1] if len(node.args) > 1 else None
+    if not (isinstance(source, fx.Node) and ops.target_name(source.target) in ("cat", "concat")):
+        return False
+    tensors = source.args[0] if source.args else source.kwargs.get("tensors")
+    dim = source.args[1] if len(source.args) > 1 else source.kwargs.get("dim", 0)
+    shape = _shape(source)
+    items = index if isinstance(index, tuple) else (index,)
+    if shape is None or not isinstance(dim, int) or not isinstance(tensors, (list, tuple)):
+        return False
+    dim %= len(shape)
+    if len(items) <= dim or not all(isinstance(i, slice) for i in items):
+        return False
+    if any(item != slice(None) for d, item in enumerate(items) if d != dim):
+        return False
+    start, stop, step = items[dim].indices(shape[dim])
+    offset = 0
+    for t in tensors:
+        size = (_shape(t) or (0,) * (dim + 1))[dim]
+        if step == 1 and (start, stop) == (offset, offset + size):
+            return True
+        offset += size
+    return False
+
+
+def _read_by_channels_last_norm(g: _Graph, node: fx.Node) -> bool:
+    """Whether a LayerNorm-like norm over the last dim reads ``node`` (a channels-last tensor)."""
+    shape = _shape(node)
+    for user in node.users:
+        m = g.module(user)
+        if m is not None and shape and _shape(user) == shape and ops.is_channels_last_norm(m, shape):
+            return True
+    return False
+
+
 def _op_label(g: _Graph, node: fx.Node) -> str:
     m = g.module(node)
     if m is not None:
@@ -331,6 +396,8 @@ def _shortcut_problem(g: _Graph, path: Sequence[fx.Node]) -> Optional[tuple[str,
         name = ops.target_name(node.target)
         if node.op == "call_function" and node.target is operator.getitem:
             source = node.args[0]
+            if _reselects_cat_input(node):
+                continue  # cat([a, b], 1)[:, :len(a)] is a again (DPN's dual paths)
             is_split = isinstance(source, fx.Node) and (
                 ops.target_name(source.target) in ops.SPLIT_OPS or _tensor_meta(source) is not None
             )
@@ -480,11 +547,19 @@ def _classify(g: _Graph, add: fx.Node, batch_size: Optional[int]) -> Verdict:
         return skip(problem[0], problem[1], keys)
 
     axis = g.channel_axis(branch)
+    stream = g.channel_axis(fork)
     if axis is None:
+        if stream is not None and stream[0] == len(_shape(fork) or ()) - 1 or _read_by_channels_last_norm(g, fork):
+            return skip("channels-last", f"the residual stream {fork.name} has its channels last", keys)
         return skip("channel-dim-unknown", f"no conv, linear or norm found that fixes the channel dim of "
                                            f"{branch.name}", keys)
     if axis[0] != 1 or axis[1] != shape[1]:  # type: ignore[index]
         return skip("channels-last", f"channels ({axis[1]}) at dim {axis[0]} of {list(shape)}", keys)  # type: ignore[arg-type]
+    if stream is not None and len(_shape(fork) or ()) == len(shape) and stream[0] != 1:  # type: ignore[arg-type]
+        # The branch's last layer makes features at dim 1, but the stream it adds to keeps its
+        # channels elsewhere: the branch mixes tokens or positions (MLP-Mixer's token MLP).
+        return skip("channels-last", f"the branch's features are at dim 1 but the residual stream "
+                                     f"{fork.name} has its channels at dim {stream[0]} (token mixing)", keys)
     attention = _has_attention(g, add, branch_nodes)
     if attention is not None:
         return skip("has-attention", attention, keys)
@@ -510,7 +585,8 @@ def classify_adds(gm: fx.GraphModule, *, batch_size: Optional[int] = None) -> li
     """Classify every add of ``gm``'s graph, in graph order.
 
     Args:
-        gm: a traced module whose nodes carry ``tensor_meta`` (run ``ShapeProp`` first).
+        gm: a traced module whose nodes carry ``tensor_meta`` (run ``ShapeRecorder`` or
+            ``torch.fx.passes.shape_prop.ShapeProp`` first).
         batch_size: the batch size of the example input; adds whose dim 0 differs are skipped.
 
     Returns:
@@ -518,11 +594,10 @@ def classify_adds(gm: fx.GraphModule, *, batch_size: Optional[int] = None) -> li
 
     Example:
         >>> import torchvision
-        >>> from torch.fx.passes.shape_prop import ShapeProp
+        >>> from se_inject.scopes import ShapeRecorder
         >>> from se_inject.tracer import trace
         >>> gm = trace(torchvision.models.resnet18().eval())
-        >>> ShapeProp(gm).propagate(torch.randn(1, 3, 64, 64))  # doctest: +ELLIPSIS
-        tensor(...)
+        >>> _ = ShapeRecorder(gm).run(torch.randn(1, 3, 64, 64))
         >>> verdicts = classify_adds(gm, batch_size=1)
         >>> sum(isinstance(v, ResidualAdd) for v in verdicts)
         8

@@ -228,6 +228,29 @@ def test_adds_inside_timm_no_trace_leaves_are_found():
     assert isinstance(result.model.stages[0][0].se, SEBlock)
 
 
+def _mutates_its_list(sizes, x):
+    sizes.append(0)  # fx hands a traced call an immutable list: the traced graph fails to run
+    return x
+
+
+torch.fx.wrap("_mutates_its_list")
+
+
+class TracedRootFails(UntraceableRoot):
+    def forward(self, x):
+        return self.blocks(_mutates_its_list([1, 2], self.stem(x)))
+
+
+def test_a_traced_graph_that_fails_to_run_falls_back_to_the_children():
+    model = TracedRootFails().eval()
+    result = se_inject.inject(model, example_inputs=X32, identity_init=True)
+    assert result.plan.untraceable[0].path == ""
+    assert "the traced graph fails at <root>" in result.plan.untraceable[0].error
+    assert [s.name for s in result.plan.sites] == ["blocks.0.se", "blocks.1.se"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(X32), model(X32))
+
+
 class RootAdd(nn.Module):
     def __init__(self):
         super().__init__()

@@ -24,6 +24,11 @@ CASES = [
     ("timm-densenet121", lambda: timm.create_model("densenet121"), None, 0),
     ("timm-vit_tiny_patch16_224", lambda: timm.create_model("vit_tiny_patch16_224"), None, 0),
     ("timm-seresnet50", lambda: timm.create_model("seresnet50"), None, 0),
+    # Found by the coverage sweep (benchmarks/coverage.py):
+    ("timm-mixer_s16_224", lambda: timm.create_model("mixer_s16_224"), None, 0),  # token MLP: dim 1 is tokens
+    ("timm-dla34", lambda: timm.create_model("dla34"), (1, 3, 64, 64), 12),  # blocks nested in blocks
+    ("timm-dpn68", lambda: timm.create_model("dpn68"), (1, 3, 64, 64), 18),  # cat(...)[:, :n] shortcuts
+    ("timm-ghostnet_100", lambda: timm.create_model("ghostnet_100"), (1, 3, 64, 64), 9),  # cat + slice branch
 ]
 
 # Why the zero-site and partial models skip what they skip.
@@ -33,6 +38,8 @@ EXPECTED_SKIPS = {
     "timm-hrnet_w18_small": {"heavy-paths": 23},  # fuse layers merge two resolutions
     "timm-vit_tiny_patch16_224": {"channels-last": 24},  # (B, N, C) tokens
     "timm-seresnet50": {"has-attention": 16},  # SE is already there
+    "timm-mixer_s16_224": {"channels-last": 16},  # both MLPs, the token one included
+    "timm-dpn68": {"split-slice": 4},  # stage entries: the shortcut is a slice of a pre-activated projection
 }
 
 
