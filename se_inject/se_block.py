@@ -183,8 +183,9 @@ class SEBlock(nn.Module):
         bias is zero. Unlike zeroing ``fc2`` (which leaves ``fc1`` without gradient until ``fc2``
         has moved), every parameter gets a non-zero gradient on the first backward pass: the
         pair's ``fc1`` rows receive opposite gradients, which breaks the symmetry. With an odd
-        hidden width the unpaired unit gets a zero ``fc2`` column. Outputs equal the input up to
-        float rounding (the pairs cancel inside one matrix product), in train and eval mode.
+        hidden width the unpaired unit is made a constant (zero ``fc1`` row, bias 1: ``act(1)``)
+        whose contribution ``fc2``'s bias cancels; it too gets gradients. Outputs equal the input up
+        to float rounding (the terms cancel inside one matrix product), in train and eval mode.
 
         Returns:
             ``self``, for chaining.
@@ -196,13 +197,18 @@ class SEBlock(nn.Module):
                 f"{type(self.gate).__name__} gives {gate_at_zero}"
             )
         k = self.rd_channels // 2
-        w1 = self.fc1.weight
-        w2 = self.fc2.weight
+        w1, b1 = self.fc1.weight, self.fc1.bias
+        w2, b2 = self.fc2.weight, self.fc2.bias
         w1[k : 2 * k] = w1[:k]
-        self.fc1.bias[k : 2 * k] = self.fc1.bias[:k]
+        b1[k : 2 * k] = b1[:k]
         w2[:, k : 2 * k] = -w2[:, :k]
-        w2[:, 2 * k :] = 0.0
-        self.fc2.bias.zero_()
+        b2.zero_()
+        if self.rd_channels % 2:
+            # The unpaired unit: a zero fc1 row and a bias of 1 make it the constant act(1), which
+            # fc2's bias cancels; its fc1 row still gets a gradient (through its fc2 column).
+            w1[-1] = 0.0
+            b1[-1] = 1.0
+            b2 -= w2[:, -1].flatten() * self.act(torch.ones((), dtype=b2.dtype, device=b2.device))
         return self.set_gain_(2.0)
 
     def extra_repr(self) -> str:

@@ -474,7 +474,14 @@ def _trailing_regularizers(g: _Graph, add: fx.Node, branch: fx.Node) -> tuple[fx
     Returns (tail, consumer): SE takes ``tail`` and feeds ``consumer``.
     """
     consumer, tail = add, branch
-    while len(tail.users) == 1:
+    if _is_inplace_on(add, branch):
+        # `out.add_(x); return out`: what reads `out` after the add reads the add's result.
+        later = [u for u in branch.users if u is not add and g.index[u] > g.index[add]]
+        if len(branch.users) - len(later) != 1:
+            return tail, consumer
+    elif len(tail.users) != 1:
+        return tail, consumer
+    while True:
         m = g.module(tail)
         is_regularizer = (m is not None and isinstance(m, ops.REGULARIZER_TYPES)) or (
             tail.op == "call_function" and ops.target_name(tail.target) in ("dropout", "stochastic_depth", "drop_path")
@@ -483,7 +490,16 @@ def _trailing_regularizers(g: _Graph, add: fx.Node, branch: fx.Node) -> tuple[fx
         if not is_regularizer or previous is None or _shape(previous) != _shape(tail):
             break
         consumer, tail = tail, previous
+        if len(tail.users) != 1:
+            break
     return tail, consumer
+
+
+def _is_inplace_on(add: fx.Node, operand: fx.Node) -> bool:
+    """Whether ``add`` adds in place into ``operand`` (``operand.add_(x)``, ``operator.iadd``)."""
+    inplace = (add.op == "call_method" and add.target == "add_") or (
+        add.op == "call_function" and add.target is operator.iadd)
+    return inplace and bool(add.args) and add.args[0] is operand
 
 
 def _common_prefix(stacks: Sequence[list[str]]) -> tuple[str, ...]:
@@ -494,6 +510,9 @@ def _common_prefix(stacks: Sequence[list[str]]) -> tuple[str, ...]:
         else:
             break
     return tuple(prefix)
+
+
+_SHORTCUT_PROBLEMS = frozenset({"heavy-paths", "split-slice"})
 
 
 def _classify(g: _Graph, add: fx.Node, batch_size: Optional[int]) -> Verdict:
@@ -540,7 +559,9 @@ def _classify(g: _Graph, add: fx.Node, batch_size: Optional[int]) -> Verdict:
                            branch_nodes, problem))
     if not candidates:
         return skip("no-common-input", f"{a.name} and {b.name} come from different inputs")
-    candidates.sort(key=lambda c: (c[0], c[1]))
+    # A valid orientation first; among invalid ones, prefer the one whose shortcut passed, so that
+    # the reason names what is wrong with the branch whichever way round the add is written.
+    candidates.sort(key=lambda c: (0 if c[8] is None else 2 if c[8][0] in _SHORTCUT_PROBLEMS else 1, c[1]))
     _, _, branch_index, branch, shortcut, fork, path, branch_nodes, problem = candidates[0]
     keys = _common_prefix([_stack_keys(n) for n in [add, *path, *branch_nodes]])
     if problem is not None:

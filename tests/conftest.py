@@ -1,5 +1,27 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles for the property tests (tests/test_properties.py). "ci" is the default:
+# few examples, derandomized, so CI is fast and reproducible. "long" searches for counterexamples
+# by hand: python -m pytest -q tests/test_properties.py --hypothesis-profile=long
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    max_examples=2000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -49,27 +49,38 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 
 
 def residual_adds_with_se(model: nn.Module, plan: SitePlan) -> Iterator[tuple[str, fx.GraphModule, fx.Node, fx.Node, fx.Node]]:
-    """For each site: (site name, block, SE node, branch operand, shortcut operand) after rewriting."""
+    """For each site: (site name, block, SE node, branch operand, shortcut operand) after rewriting.
+
+    The add is the first add (in graph order) that reads the SE output through one operand.
+    """
     for site in plan.sites:
         gm = model.get_submodule(site.block) if site.block else model
         assert isinstance(gm, fx.GraphModule), site.block
         local = site.name.rsplit(".", 1)[-1]
         (se_node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == local]
         assert isinstance(gm.get_submodule(local), SEBlock)
-        node = se_node
-        while add_operands(node) is None:  # SE -> (drop path ...) -> add
-            (node,) = node.users
-        a, b = add_operands(node)
+        for node in gm.graph.nodes:
+            operands = add_operands(node)
+            if operands and any(isinstance(o, fx.Node) and se_node in _ancestors(o) | {o} for o in operands):
+                break
+        else:
+            raise AssertionError(f"{site.name}: no add reads the SE output")
+        a, b = operands
         branch, shortcut = (a, b) if se_node in _ancestors(a) | {a} else (b, a)
         yield site.name, gm, se_node, branch, shortcut
 
 
 def assert_shortcuts_untouched(model: nn.Module, plan: SitePlan) -> None:
-    """Every SE reads a branch and feeds its add; no SE lies on any shortcut operand's path."""
+    """Every SE reads a branch and feeds its add; no SE lies on a path that only the shortcut takes.
+
+    (An SE of an *earlier* residual add in the same graph feeds both operands of a later add: it is
+    upstream of the fork, not on the shortcut.)
+    """
     checked = 0
     for name, gm, se_node, branch, shortcut in residual_adds_with_se(model, plan):
         assert se_node in _ancestors(branch) | {branch}, name
-        for n in _ancestors(shortcut) | {shortcut}:
+        shortcut_only = (_ancestors(shortcut) | {shortcut}) - (_ancestors(branch) | {branch})
+        for n in shortcut_only:
             if n.op == "call_module":
                 assert not isinstance(gm.get_submodule(n.target), SEBlock), f"{name}: SE on the shortcut"
         checked += 1

@@ -47,17 +47,19 @@ def test_parameter_count_is_2ch_plus_h_plus_c():
     assert sum(p.numel() for p in se.parameters()) == 2 * 256 * 16 + 16 + 256
 
 
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "hard_swish"])
 @pytest.mark.parametrize("hidden", [8, 7, 1])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_identity_init_returns_the_input(hidden, mode):
-    se = SEBlock(64, rd_channels=hidden).init_identity_().train(mode == "train")
+def test_identity_init_returns_the_input(hidden, mode, act):
+    se = SEBlock(64, rd_channels=hidden, act_layer=act).init_identity_().train(mode == "train")
     x = torch.randn(4, 64, 9, 9) * 3
     torch.testing.assert_close(se(x), x, rtol=1e-6, atol=1e-6)
     assert float(se.gain) == 2.0
 
 
-def test_identity_init_lets_every_parameter_learn():
-    se = SEBlock(64).init_identity_()
+@pytest.mark.parametrize("hidden", [8, 7, 1])
+def test_identity_init_lets_every_parameter_learn(hidden):
+    se = SEBlock(64, rd_channels=hidden).init_identity_()
     x = torch.randn(8, 64, 5, 5)
     (se(x) * torch.randn_like(x)).sum().backward()
     for name, p in se.named_parameters():
