@@ -1,0 +1,64 @@
+"""The coverage sweep's CI subset: ~15 timm families of every kind, each verified end to end."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def coverage():
+    spec = importlib.util.spec_from_file_location("se_inject_coverage", ROOT / "benchmarks" / "coverage.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def outcomes(coverage):
+    return {o.family: o for o in coverage.sweep(coverage.CI_FAMILIES)}
+
+
+EXPECTED = {  # family: (sites, reasons that must appear among the skipped adds)
+    "resnet": (16, set()),
+    "convnext": (12, set()),
+    "efficientnet": (0, {"has-attention"}),  # SE is already there
+    "mobilenetv3": (1, {"has-attention"}),  # the one block without SE gets it
+    "regnet": (13, set()),
+    "res2net": (16, {"split-slice"}),
+    "hrnet": (23, {"heavy-paths"}),
+    "nfnet": (16, set()),  # inside timm's no-trace NormFreeBlock
+    "sknet": (0, {"has-attention"}),  # selective-kernel attention counts as channel attention
+    "mambaout": (0, {"channels-last"}),
+    "vision_transformer": (0, {"channels-last"}),
+    "densenet": (0, set()),
+    "dla": (12, set()),
+    "ghostnet": (9, {"has-attention"}),
+    "resnetv2": (16, set()),
+}
+
+
+def test_ci_subset_is_the_expected_families(coverage):
+    assert sorted(coverage.CI_FAMILIES) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_family_outcome(outcomes, family):
+    outcome = outcomes[family]
+    sites, reasons = EXPECTED[family]
+    assert outcome.status == ("handled" if sites else "no-residual"), outcome.message
+    assert outcome.sites == sites
+    assert reasons <= set(outcome.skipped)
+    if sites:
+        assert outcome.max_rel_diff is not None and outcome.max_rel_diff <= 1e-4
+
+
+def test_every_family_with_conv_residual_blocks_is_handled_and_none_is_wrong(coverage, outcomes):
+    summary = coverage.summarize(list(outcomes.values()))
+    assert summary["silently_wrong"] == 0 and "bug" not in summary["by_status"]
+    assert summary["handled"] == summary["with_conv_residual_blocks"] == sum(1 for s, _ in EXPECTED.values() if s)
