@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import functools
+import gc
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -308,6 +310,35 @@ def _calls_by_key(graph: fx.Graph) -> dict[Optional[str], list[tuple[str, Any]]]
     return calls
 
 
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether the source of ``cls`` mentions ``training`` (True when the source is unknown)."""
+    try:
+        return "training" in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True
+
+
+def _may_differ_in_train_mode(scope: Scope, key: Optional[str]) -> bool:
+    """Whether any module whose code runs inline in the block (not leaves) reads ``training``.
+
+    A block's traced graph can only differ between train and eval mode through Python code that
+    reads ``self.training``; leaves run their own forward at run time and need no check.
+    """
+    for node in scope.gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack", {})
+        if key is not None and key not in stack:
+            continue
+        entries = list(stack.items())
+        if node.op == "call_module" and entries:
+            entries = entries[:-1]  # the leaf itself
+        if key is not None:
+            entries = entries[[k for k, _ in entries].index(key):]
+        if any(_reads_training(cls) for _, (_, cls) in entries if isinstance(cls, type)):
+            return True
+    return key is None and _reads_training(type(scope.module))
+
+
 def _train_mode_calls(scope: Scope) -> Optional[dict[Optional[str], list[tuple[str, Any]]]]:
     """The calls of ``scope`` traced in train mode (None if it cannot be traced in train mode)."""
     flags = {id(m): m.training for m in scope.module.modules()}
@@ -508,9 +539,18 @@ def _plan(
     _check_filters(options, plan, candidates)
 
     # A GraphModule runs one graph; a block whose train-mode trace differs would lose its train
-    # behaviour, so such blocks are left alone.
-    eval_calls = {id(s): _calls_by_key(s.gm.graph) for s in {id(c.scope): c.scope for c in candidates}.values()}
-    train_calls = {id(s): _train_mode_calls(s) for s in {id(c.scope): c.scope for c in candidates}.values()}
+    # behaviour, so such blocks are left alone. A scope is traced again in train mode only when a
+    # block's inline code reads `training`.
+    calls: dict[tuple[int, str], Any] = {}
+
+    def differs_in_train_mode(scope: Scope, key: Optional[str]) -> bool:
+        if not _may_differ_in_train_mode(scope, key):
+            return False
+        if (id(scope), "train") not in calls:
+            calls[id(scope), "eval"] = _calls_by_key(scope.gm.graph)
+            calls[id(scope), "train"] = _train_mode_calls(scope)
+        trained = calls[id(scope), "train"]
+        return trained is None or trained.get(key) != calls[id(scope), "eval"].get(key)
 
     # Build blocks deepest first, so that a block can keep the blocks inside it as they are.
     built: dict[str, _Rewrite] = {}
@@ -521,8 +561,7 @@ def _plan(
         path = max(waiting, key=lambda p: (p.count(".") + bool(p), p))
         group = waiting.pop(path)
         scope, key = group[0].scope, group[0].owners[group[0].level][0]
-        trained = train_calls[id(scope)]
-        if trained is None or trained.get(key) != eval_calls[id(scope)].get(key):
+        if differs_in_train_mode(scope, key):
             result: Union[_Rewrite, str] = "train-eval-differ"
         else:
             inner = [r for p, r in built.items() if path == "" or p.startswith(path + ".")]
@@ -636,6 +675,19 @@ def eval_mode(model: nn.Module) -> Iterator[dict[int, bool]]:
             m.training = training.get(id(m), m.training)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: tracing makes many short-lived node cycles, and
+    a full collection over a large model's objects stalls for a good fraction of a second."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _planned(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool
              ) -> tuple[SitePlan, list[_Rewrite], dict[int, bool]]:
     """Plan on ``model`` in eval mode without its hooks, then restore both."""
@@ -675,14 +727,15 @@ def inject(
     if not isinstance(inplace, bool):
         raise OptionError(f"inplace must be True or False, got {inplace!r}")
     inputs = _as_inputs(model, example_inputs)
-    target = model if inplace else copy.deepcopy(model)
-    plan, rewrites, training = _planned(target, options, inputs, strict)
-    if not plan.sites:
-        reasons = ", ".join(f"{r} x{len(s)}" for r, s in plan.skipped_by_reason().items()) or "no adds at all"
-        warnings.warn(f"{type(model).__name__} has no residual add that can take an SE block ({reasons}); "
-                      f"it is returned unchanged.", NoResidualAddsWarning, stacklevel=2)
-        return Injection(target, plan)
-    return Injection(_install(target, rewrites, options, training), plan)
+    with _gc_paused():
+        target = model if inplace else copy.deepcopy(model)
+        plan, rewrites, training = _planned(target, options, inputs, strict)
+        if plan.sites:
+            return Injection(_install(target, rewrites, options, training), plan)
+    reasons = ", ".join(f"{r} x{len(s)}" for r, s in plan.skipped_by_reason().items()) or "no adds at all"
+    warnings.warn(f"{type(model).__name__} has no residual add that can take an SE block ({reasons}); "
+                  f"it is returned unchanged.", NoResidualAddsWarning, stacklevel=2)
+    return Injection(target, plan)
 
 
 def apply(model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -747,5 +800,6 @@ def find_sites(
     _check_model(model)
     opts = _options(**options)
     inputs = _as_inputs(model, example_inputs)
-    plan, _, _ = _planned(copy.deepcopy(model), opts, inputs, strict)
+    with _gc_paused():
+        plan, _, _ = _planned(copy.deepcopy(model), opts, inputs, strict)
     return plan

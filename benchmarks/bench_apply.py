@@ -1,0 +1,124 @@
+"""What ``se_inject.apply`` costs, against a bare fx trace plus one forward of the same model.
+
+For each model, interleaved over rounds (median reported, with the range):
+
+* ``trace+fwd``: ``torch.fx.symbolic_trace(model)`` and one forward of the traced module, no grad
+  (for models plain fx cannot trace, se_inject's tracer with timm's leaves is used, and marked);
+* ``apply``: ``se_inject.apply(model, example_inputs=x)``, everything included (the deep copy of
+  the model, tracing, shape propagation, the eager forward that verifies the traced graph,
+  building and installing the blocks);
+* ``apply inplace``: the same with ``inplace=True`` on a copy made outside the timer, i.e. without
+  the deep copy.
+
+The default models show how the cost grows with depth (resnet18 -> 152) and on other shapes of
+network; ``--sample`` adds one model of each family of the coverage sweep's CI subset.
+
+    python benchmarks/bench_apply.py
+    python benchmarks/bench_apply.py --models resnet50 --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import fx
+
+import se_inject
+from se_inject.tracer import trace
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "convnext_tiny", "hrnet_w18_small"]
+SAMPLE = ["efficientnet_b0", "mobilenetv3_small_100", "regnetx_002", "res2net50_26w_4s", "nf_resnet50",
+          "dla34", "ghostnet_100", "resnetv2_50", "mambaout_femto", "vit_tiny_patch16_224"]
+
+
+def _trace_forward(model: torch.nn.Module, x: torch.Tensor) -> bool:
+    """fx trace + one forward; returns whether plain ``symbolic_trace`` could do it."""
+    try:
+        gm, plain = fx.symbolic_trace(model), True
+    except Exception:
+        gm, plain = trace(model), False
+    with torch.no_grad():
+        gm(x)
+    return plain
+
+
+def measure(name: str, rounds: int, console: Console) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = se_inject.default_example_inputs(model)[0]
+    times: dict[str, list[float]] = {"trace+fwd": [], "apply": [], "apply inplace": []}
+    plain = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_inject.SEInjectWarning)
+        for r in range(rounds + 1):  # round 0 warms caches up and is not counted
+            spare = copy.deepcopy(model)
+            start = time.perf_counter()
+            plain = _trace_forward(model, x)
+            t0 = time.perf_counter()
+            se_inject.apply(model, example_inputs=x)
+            t1 = time.perf_counter()
+            se_inject.apply(spare, example_inputs=x, inplace=True)
+            t2 = time.perf_counter()
+            if r:
+                times["trace+fwd"].append(t0 - start)
+                times["apply"].append(t1 - t0)
+                times["apply inplace"].append(t2 - t1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "input": list(x.shape),
+           "plain_fx": plain, **{f"{k}_s": v for k, v in med.items()},
+           "ranges_s": {k: [min(v), max(v)] for k, v in times.items()},
+           "ratio": med["apply"] / med["trace+fwd"], "ratio_inplace": med["apply inplace"] / med["trace+fwd"]}
+    console.log(f"{name}: trace+fwd {med['trace+fwd']:.3f}s apply {med['apply']:.3f}s ({row['ratio']:.2f}x)")
+    return row
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DEFAULT)
+    p.add_argument("--sample", action="store_true", help="also one model per family of a timm-wide sample")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    console = Console()
+    names = args.models + (SAMPLE if args.sample else [])
+    rows = [measure(n, args.rounds, console) for n in names]
+
+    table = Table(title=f"apply vs trace+forward · CPU {torch.get_num_threads()} threads · torch {torch.__version__}",
+                  title_justify="left")
+    cols = ("model", "params", "input", "trace+fwd s", "apply s", "apply/trace+fwd", "apply inplace s", "inplace ratio")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "model" else "right")
+    md = ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
+    for r in rows:
+        cells = (r["model"] + ("" if r["plain_fx"] else " *"), f"{r['params'] / 1e6:.1f}M",
+                 "x".join(map(str, r["input"][1:])), f"{r['trace+fwd_s']:.3f}", f"{r['apply_s']:.3f}",
+                 f"{r['ratio']:.2f}x", f"{r['apply inplace_s']:.3f}", f"{r['ratio_inplace']:.2f}x")
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    note = ("Medians over rounds, interleaved. `*`: plain torch.fx.symbolic_trace fails on the model; the "
+            "baseline uses se_inject's tracer (timm's leaves).")
+    console.print(note)
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python benchmarks/bench_apply.py", *(sys.argv[1:] if argv is None else argv)])
+    (args.out / "apply.md").write_text("\n".join(md) + f"\n\n{note}\n\nCommand: `{command}`\n")
+    (args.out / "apply.json").write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__,
+                                                     "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    console.print(f"wrote {args.out / 'apply.md'} and .json")
+
+
+if __name__ == "__main__":
+    main()
