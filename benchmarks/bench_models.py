@@ -13,7 +13,7 @@ taken between medians measured in the same run:
 Ratios are computed per round (the variants of a round run back to back) and summarised by
 their median and interquartile range, which cancels the drift of a shared machine between rounds.
 
-Results go to ``benchmarks/results/models-<device>.json`` and ``.md``.
+Results go to ``benchmarks/results/<name>-<device>.json`` and ``.md`` (``--name``, default ``models``).
 
     python benchmarks/bench_models.py                                  # CPU defaults, a few minutes
     python benchmarks/bench_models.py --models resnet18 resnet50 resnet101 convnext_tiny mobilenetv2_100
@@ -236,6 +236,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="eager, compiled, or both (default both)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument("--name", default="models", help="results file stem: <out>/<name>-<device>.json/.md")
     args = p.parse_args(argv)
     args.compile = [c == "compiled" for c in args.compile]
     return args
@@ -256,8 +257,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     summary = ratios(rows)
     markdown = render(rows, summary, console, title)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"models-{slug(device.type + '-' + name)}"
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    stem = f"{args.name}-{slug(device.type + '-' + name)}"
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"device": name, "torch": torch.__version__, "timm": timm.__version__,
          "se_inject": se_inject.__version__, "config": config, "rows": rows, "ratios": summary}, indent=2) + "\n")
