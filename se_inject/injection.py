@@ -487,12 +487,14 @@ def _verify(model: nn.Module, rewrites: list[_Rewrite], example_inputs: tuple[An
             h.remove()
 
 
-def _plan(
-    model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...], strict: bool
-) -> tuple[SitePlan, list[_Rewrite]]:
-    """Everything but the swap: find the sites, build and verify the rewritten blocks."""
-    # Trace; where a traced graph turns out not to run on what its module receives, trace that
-    # module's children instead, and again, until every scope runs.
+def _runnable_scopes(model: nn.Module, example_inputs: tuple[Any, ...]
+                     ) -> tuple[list[Scope], list[Untraceable], Any]:
+    """Trace ``model`` into scopes that all run on what their modules receive, with shapes.
+
+    Where a traced graph does not run, that module's children are traced instead, and again,
+    until every scope runs. Returns the scopes, what could not be traced whole, and the output of
+    the top scope's graph (or of the model, when its root is not traced).
+    """
     skip: dict[str, str] = {}
     while True:
         scopes, untraceable = discover_scopes(model, skip=skip)
@@ -509,15 +511,14 @@ def _plan(
             skip[""] = str(e)
             continue
         if not failed:
-            break
+            return scopes, untraceable, traced_output
         skip.update({f.path: f.error for f in failed})
-    if scopes[0].path == "":  # the traced model must reproduce the model itself
-        with torch.no_grad():
-            scopes[0].faithful = outputs_match(model(*example_inputs), traced_output) is None
-    plan = SitePlan(type(model).__name__, [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)],
-                    options, untraceable=untraceable)
 
+
+def _candidates(scopes: list[Scope], options: SEOptions, plan: SitePlan) -> list[_Candidate]:
+    """Classify every add; record the skipped ones in ``plan`` and return the residual ones."""
     candidates: list[_Candidate] = []
+    filtered_blocks: list[str] = []
     for scope in scopes:
         if scope.args is None:
             continue
@@ -530,29 +531,39 @@ def _plan(
             block = cand.owner_path
             if scope.calls > 1 or any("@" in k for k in verdict.scope_keys):
                 plan.skipped.append(Skip(name, "shared-module", f"{block or '<root>'} runs more than once"))
-            elif not options.selects(block):
-                plan.skipped.append(Skip(name, "filtered", f"block {block or '<root>'} not selected by include/exclude"))
+                continue
+            if not options.selects(block):
+                reason = f"block {block or '<root>'} not selected by include/exclude"
             elif verdict.channels < options.min_channels:
-                plan.skipped.append(Skip(name, "filtered", f"{verdict.channels} channels < min_channels={options.min_channels}"))
+                reason = f"{verdict.channels} channels < min_channels={options.min_channels}"
             else:
                 candidates.append(cand)
-    _check_filters(options, plan, candidates)
+                continue
+            plan.skipped.append(Skip(name, "filtered", reason))
+            filtered_blocks.append(block)
+    _check_filters(options, filtered_blocks, [c.owner_path for c in candidates])
+    return candidates
 
-    # A GraphModule runs one graph; a block whose train-mode trace differs would lose its train
-    # behaviour, so such blocks are left alone. A scope is traced again in train mode only when a
-    # block's inline code reads `training`.
-    calls: dict[tuple[int, str], Any] = {}
+
+def _build_blocks(candidates: list[_Candidate], plan: SitePlan) -> list[_Rewrite]:
+    """Rewrite the block of every candidate, deepest blocks first.
+
+    Building deepest first lets a block keep the blocks inside it as they are. A candidate whose
+    block cannot stand on its own moves to the next enclosing module; one whose block traces
+    differently in train mode is skipped (a GraphModule runs one graph, so the block would lose
+    its train behaviour). A scope is traced again in train mode only when a block's inline code
+    reads ``training``.
+    """
+    train_mode_calls: dict[int, Any] = {}
 
     def differs_in_train_mode(scope: Scope, key: Optional[str]) -> bool:
         if not _may_differ_in_train_mode(scope, key):
             return False
-        if (id(scope), "train") not in calls:
-            calls[id(scope), "eval"] = _calls_by_key(scope.gm.graph)
-            calls[id(scope), "train"] = _train_mode_calls(scope)
-        trained = calls[id(scope), "train"]
-        return trained is None or trained.get(key) != calls[id(scope), "eval"].get(key)
+        if id(scope) not in train_mode_calls:
+            train_mode_calls[id(scope)] = (_calls_by_key(scope.gm.graph), _train_mode_calls(scope))
+        evaluated, trained = train_mode_calls[id(scope)]
+        return trained is None or trained.get(key) != evaluated.get(key)
 
-    # Build blocks deepest first, so that a block can keep the blocks inside it as they are.
     built: dict[str, _Rewrite] = {}
     waiting: dict[str, list[_Candidate]] = {}
     for cand in candidates:
@@ -569,15 +580,29 @@ def _plan(
         if isinstance(result, _Rewrite):
             built[path] = result
             continue
-        for cand in group:  # fall back to the next enclosing module, or give up on this add
+        for cand in group:
             if result == "untraceable-block" and cand.level + 1 < len(cand.owners):
                 cand.level += 1
                 waiting.setdefault(cand.owner_path, []).append(cand)
             else:
                 plan.skipped.append(Skip(_skip_name(cand.scope, cand.verdict.add), result, f"block {path or '<root>'}"))
+    return list(built.values())
+
+
+def _plan(
+    model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...], strict: bool
+) -> tuple[SitePlan, list[_Rewrite]]:
+    """Everything but the swap: find the sites, build and verify the rewritten blocks."""
+    scopes, untraceable, traced_output = _runnable_scopes(model, example_inputs)
+    if scopes[0].path == "":  # the traced model must reproduce the model itself
+        with torch.no_grad():
+            scopes[0].faithful = outputs_match(model(*example_inputs), traced_output) is None
+    plan = SitePlan(type(model).__name__, [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)],
+                    options, untraceable=untraceable)
+    candidates = _candidates(scopes, options, plan)
+    rewrites = _build_blocks(candidates, plan)
 
     # Scopes whose traced graph did not reproduce their module: verify each block on its own.
-    rewrites = list(built.values())
     _verify(model, [rw for rw in rewrites if not rw.scope.faithful], example_inputs)
     verified = []
     for rw in rewrites:
@@ -605,15 +630,15 @@ def _plan(
     return plan, verified
 
 
-def _check_filters(options: SEOptions, plan: SitePlan, candidates: list[_Candidate]) -> None:
-    filtered = [s for s in plan.skipped if s.reason == "filtered"]
+def _check_filters(options: SEOptions, filtered: list[str], selected: list[str]) -> None:
+    """Refuse filters that cannot be meant: an include pattern matching no block, or no block left."""
     if options.include is not None:
-        blocks = [s.name.split(":")[0] for s in filtered] + [c.owner_path for c in candidates]
+        blocks = filtered + selected
         for pattern in options.include:
             if not any(fnmatch.fnmatchcase(b, pattern) for b in blocks):
                 raise OptionError(f"include pattern {pattern!r} matches no block with a residual add; "
                                   f"blocks are e.g. {sorted(set(blocks))[:6]}")
-    if filtered and not candidates:
+    if filtered and not selected:
         raise OptionError(f"the filters (include={options.include}, exclude={list(options.exclude)}, "
                           f"min_channels={options.min_channels}) leave out all {len(filtered)} residual "
                           f"adds; loosen them")
