@@ -41,6 +41,7 @@ in se_inject is pinned by the regression tests at the end of this module.
 from __future__ import annotations
 
 import collections
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -602,8 +603,11 @@ def check_graphs(original: nn.Module, injected: nn.Module, plan: se_inject.SiteP
             add = se_node
             while add_operands(add) is None:  # SE -> (trailing regularisers) -> add
                 # After `out.add_(s)`, what read `out` still reads the regulariser's output.
+                # Later adds may read it too (`out + 1.0`); the in-place add on it comes first.
                 adds = [u for u in add.users if add_operands(u) is not None]
-                (add,) = adds or list(add.users)
+                in_place = [u for u in adds if u.args[0] is add and (
+                    (u.op == "call_method" and u.target == "add_") or u.target is operator.iadd)]
+                (add,) = in_place or adds or list(add.users)
             assert add.name == site.add, (add.name, site.add)
             a, b = add_operands(add)
             branch_i = 0 if se_node in _ancestors(a) else 1
@@ -678,6 +682,13 @@ EXAMPLES = [
         Item("bias", "root", 8, 8, 1, variant="const"),
         Item("linear", "module", 8, 8, 1, variant="iadd"),
     ), Options(2, None, "relu", "sigmoid"), 3, "train"),
+    # Found by the long run: `out.add_(shortcut)` behind a trailing Identity in the root's forward,
+    # then `out + 1.0`, which reads the in-place add's result through the regulariser's output.
+    NetSpec(1, (4,), 1, 2, (
+        Item("steps", "root", 2, 2, 1, (_res(2, 2, 1, "basic", "proj", "add_", mid=2, kernels=(1, 1),
+                                             tail="identity", post="none"),)),
+        Item("bias", "module", 2, 2, 1, variant="const"),
+    ), Options(16, 8, "relu", "sigmoid"), 0, "train"),
 ]
 
 
@@ -691,6 +702,7 @@ def _se_param_name(name: str) -> bool:
 @example(spec=EXAMPLES[0])
 @example(spec=EXAMPLES[1])
 @example(spec=EXAMPLES[2])
+@example(spec=EXAMPLES[3])
 def test_generated_residual_nets(spec: NetSpec) -> None:
     model, x = build(spec)
     expected = expected_sites(spec)
