@@ -7,11 +7,13 @@
 SE cost; ``save`` / ``load`` store a converted model as safetensors plus a JSON recipe.
 """
 
+from .api import apply, default_example_inputs, find_sites, inject
 from .checkpoint import load_checkpoint, read_state_dict
 from .errors import (
     CheckpointError,
     ExampleInputError,
     GraphModuleRootWarning,
+    NoResidualAddsError,
     NoResidualAddsWarning,
     NotAModuleError,
     OptionError,
@@ -23,24 +25,14 @@ from .errors import (
     UnknownModelError,
     VerificationError,
 )
-from .injection import (
-    Injection,
-    SEOptions,
-    Site,
-    SitePlan,
-    Skip,
-    apply,
-    default_example_inputs,
-    find_sites,
-    inject,
-)
+from .options import SEOptions
+from .plan import SKIP_REASONS, Injection, Site, SitePlan, Skip, Untraceable
 from .recipe import load, save
 from .report import Report, build_report
-from .scopes import Untraceable
 from .se_block import SEBlock, se_hidden_channels
-from .sites import SKIP_REASONS
+from .utils import version as _version
 
-__version__ = "0.1.0"
+__version__ = _version()
 
 __all__ = [
     # rewriting
@@ -52,7 +44,7 @@ __all__ = [
     "Report", "build_report", "save", "load", "read_state_dict", "load_checkpoint",
     # errors and warnings
     "SEInjectError", "NotAModuleError", "OptionError", "TraceError", "ExampleInputError",
-    "VerificationError", "RecipeError", "CheckpointError", "UnknownModelError", "SEInjectWarning",
-    "NoResidualAddsWarning", "RefusedModuleWarning", "GraphModuleRootWarning",
+    "VerificationError", "RecipeError", "CheckpointError", "UnknownModelError", "NoResidualAddsError",
+    "SEInjectWarning", "NoResidualAddsWarning", "RefusedModuleWarning", "GraphModuleRootWarning",
     "__version__",
 ]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .utils import describe_mismatch, first_line
 
 __all__ = ["read_state_dict", "load_checkpoint"]
 
@@ -45,7 +46,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e) or type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -65,14 +66,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             ``model``; the message names the first missing, unexpected and mis-shaped tensors.
     """
     state = read_state_dict(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong))
-                 if items]
-        raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(parts)}")
+    mismatch = describe_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: {mismatch}")
     model.load_state_dict(state, strict=True)

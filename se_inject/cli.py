@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
-import fnmatch
 import json
 import logging
 import sys
@@ -21,13 +21,17 @@ import timm
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from .errors import NoResidualAddsWarning, SEInjectError, SEInjectWarning, UnknownModelError
-from .injection import Injection, SitePlan, default_example_inputs, inject
+from .api import default_example_inputs, inject
 from .checkpoint import load_checkpoint
+from .errors import (CheckpointError, NoResidualAddsError, NoResidualAddsWarning, SEInjectError, SEInjectWarning,
+                     UnknownModelError)
+from .options import SEOptions
+from .plan import Injection
 from .recipe import save
-from .report import Report, build_report, render_report, render_skipped, render_summary
+from .render import render_plan, render_report, render_summary
+from .report import Report, build_report
+from .utils import first_line, version
 
 __all__ = ["main", "build_parser"]
 
@@ -43,28 +47,34 @@ examples:
 """
 
 
-class UsageError(Exception):
-    """A command-line problem that exits with status 2."""
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per SE option (``--rd-divisor`` for ``rd_divisor``), documented by the option."""
+    for f in dataclasses.fields(SEOptions):
+        cli = {k: v for k, v in f.metadata["cli"].items() if k not in ("convert", "note")}
+        note = f.metadata["cli"].get("note")
+        default = "" if cli.get("action") else f" (default {f.default})"
+        help_text = f.metadata["doc"].rstrip(".") + (f"; {note}" if note else "") + default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **cli)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The SE options given on the command line, as keyword arguments of ``inject``."""
+    options = {}
+    for f in dataclasses.fields(SEOptions):
+        value = getattr(args, f.name)
+        if value is None and f.metadata["cli"].get("action") is not None:
+            continue  # an unrepeated --include / --exclude: the option's own default
+        convert = f.metadata["cli"].get("convert")
+        options[f.name] = convert(value) if convert and value is not None else f.default if value is None else value
+    return options
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="timm model name(s), or a quoted glob such as 'resnet*'")
-    parser.add_argument("--reduction", type=int, default=16, metavar="R",
-                        help="SE reduction ratio r: hidden width about C/r (default 16)")
-    parser.add_argument("--rd-divisor", type=int, default=8, metavar="N",
-                        help="round hidden widths to multiples of N as timm does (default 8); "
-                             "0 for the paper's max(1, C // r)")
+    _add_options(parser)
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                         help="example input size (default: the model's pretrained_cfg, else 3 224 224)")
-    parser.add_argument("--identity-init", action="store_true",
-                        help="start every SE block as an exact identity (for fine-tuning pretrained weights)")
-    parser.add_argument("--include", action="append", metavar="PATTERN",
-                        help="only blocks whose path matches this glob (repeatable), e.g. 'layer4.*'")
-    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                        help="leave out blocks whose path matches this glob (repeatable)")
-    parser.add_argument("--min-channels", type=int, default=1, metavar="N",
-                        help="leave out blocks with fewer than N channels (default 1)")
     parser.add_argument("--num-classes", type=int, metavar="N",
                         help="build the model with N classes (timm's num_classes)")
     weights = parser.add_mutually_exclusive_group()
@@ -83,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="se-inject",
         description="Add Squeeze-and-Excitation to the residual branches of timm models and report what it costs.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     report = sub.add_parser("report", help="parameters and FLOPs before and after SE, per site",
@@ -112,12 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--json", action="store_true", help="print the report as JSON")
     convert.add_argument("--show-skipped", action="store_true", help="list every skipped add")
     return parser
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def resolve_models(names: Sequence[str]) -> list[str]:
@@ -162,27 +166,15 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, d
             with _quiet_hub():
                 model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise SEInjectError(
-                f"could not fetch pretrained weights for {name} ({type(e).__name__}: {reason}); "
-                f"without internet, download them elsewhere and pass --checkpoint PATH") from None
+            raise CheckpointError(
+                f"could not fetch pretrained weights for {name} ({type(e).__name__}: "
+                f"{first_line(e) or type(e).__name__}); without internet, download them elsewhere and pass "
+                f"--checkpoint PATH") from None
         return model, kwargs
     model = timm.create_model(name, pretrained=False, **kwargs)
     if args.checkpoint is not None:
         load_checkpoint(model, args.checkpoint)
     return model, kwargs
-
-
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "reduction": args.reduction,
-        "rd_divisor": None if args.rd_divisor == 0 else args.rd_divisor,
-        "identity_init": args.identity_init,
-        "include": args.include,
-        "exclude": args.exclude,
-        "min_channels": args.min_channels,
-        "strict": args.strict,
-    }
 
 
 def _inputs(model: torch.nn.Module, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
@@ -197,43 +189,14 @@ def _convert(name: str, args: argparse.Namespace, err: Console
     inputs = _inputs(model, args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SEInjectWarning)
-        result = inject(model, example_inputs=inputs, **_options(args))
+        result = inject(model, example_inputs=inputs, strict=args.strict, **_options(args))
     if not result.plan.sites:
-        reasons = ", ".join(f"{len(s)} {r}" for r, s in result.plan.skipped_by_reason().items()) or "no adds at all"
-        raise SEInjectError(f"{name} has no residual add that can take an SE block ({reasons}); "
-                            f"`se-inject sites {name}` lists them")
+        raise NoResidualAddsError(f"{name} has no residual add that can take an SE block "
+                                  f"({result.plan.skip_summary()}); `se-inject sites {name}` lists them")
     for w in caught:
         if not issubclass(w.category, NoResidualAddsWarning):
             err.print(f"[yellow]warning[/yellow] {name}: {w.message}", soft_wrap=True)
     return model, result, inputs, kwargs
-
-
-def plan_to_dict(name: str, plan: SitePlan) -> dict[str, Any]:
-    """JSON form of a dry run."""
-    return {
-        "model": name,
-        "input_shape": list(plan.input_shapes[0]) if plan.input_shapes else [],
-        "reduction": plan.options.reduction,
-        "sites": [{"name": s.name, "block": s.block, "channels": s.channels, "hidden": s.hidden,
-                   "feature_map": list(s.shape[2:]), "shortcut": s.shortcut, "params": s.params}
-                  for s in plan.sites],
-        "skipped": [{"name": s.name, "reason": s.reason, "detail": s.detail} for s in plan.skipped],
-        "untraceable": [{"path": u.path or "<root>", "error": u.error} for u in plan.untraceable],
-    }
-
-
-def _render_sites(name: str, plan: SitePlan, console: Console) -> None:
-    table = Table(title=f"{name}: {len(plan.sites)} SE sites", title_justify="left", show_edge=False)
-    for col, justify in (("site", "left"), ("C", "right"), ("hidden", "right"), ("map", "right"),
-                         ("shortcut", "left")):
-        table.add_column(col, justify=justify)
-    for s in plan.sites:
-        table.add_row(s.name, str(s.channels), str(s.hidden), "x".join(map(str, s.shape[2:])), s.shortcut)
-    console.print(table)
-    render_skipped([{"name": s.name, "reason": s.reason, "detail": s.detail} for s in plan.skipped],
-                   console, show_paths=True)
-    for u in plan.untraceable:
-        console.print(f"[yellow]not traceable as a whole[/yellow] {u.path or '<root>'}: {u.error}")
 
 
 def _run_one(name: str, args: argparse.Namespace, out: Console, err: Console, several: bool
@@ -241,10 +204,9 @@ def _run_one(name: str, args: argparse.Namespace, out: Console, err: Console, se
     """Do the command for one model; returns its report (report/convert) or its plan (sites)."""
     model, result, inputs, kwargs = _convert(name, args, err)
     if args.command == "sites":
-        data = plan_to_dict(name, result.plan)
         if not args.json:
-            _render_sites(name, result.plan, out)
-        return None, data
+            render_plan(name, result.plan, out)
+        return None, result.plan.to_dict(name)
     report = build_report(model, result, inputs, model_name=name)
     if args.command == "convert":
         target = args.out / name if several else args.out

@@ -2,8 +2,9 @@
 
 Every error is an :class:`SEInjectError`, so ``except se_inject.SEInjectError`` catches them all;
 each also derives from the built-in exception a caller would expect (``TypeError`` for a wrong
-type, ``ValueError`` for a bad option), so generic handlers keep working. Messages name the module
-path involved and end with what to do about it.
+type, ``ValueError`` for a bad option or input, ``RuntimeError`` for what fx or a model cannot
+do), so generic handlers keep working. Messages name the module path involved and end with what
+to do about it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "RecipeError",
     "CheckpointError",
     "UnknownModelError",
+    "NoResidualAddsError",
     "SEInjectWarning",
     "NoResidualAddsWarning",
     "RefusedModuleWarning",
@@ -26,26 +28,26 @@ __all__ = [
 
 
 class SEInjectError(Exception):
-    """Base class of every error raised by se_inject."""
+    """Base class of every error raised by se_inject. Never raised itself."""
 
 
 class NotAModuleError(SEInjectError, TypeError):
-    """The object given is not a ``torch.nn.Module``."""
+    """The object given is not a ``torch.nn.Module``, or not one se_inject can rewrite."""
 
 
 class OptionError(SEInjectError, ValueError):
     """An option is invalid or impossible (e.g. ``reduction=0``, a filter that matches nothing)."""
 
 
-class TraceError(SEInjectError):
+class TraceError(SEInjectError, RuntimeError):
     """``torch.fx`` could trace no part of the model that could hold a residual add."""
 
 
-class ExampleInputError(SEInjectError):
+class ExampleInputError(SEInjectError, ValueError):
     """The model could not be run on the example input."""
 
 
-class VerificationError(SEInjectError):
+class VerificationError(SEInjectError, RuntimeError):
     """A traced graph does not reproduce its module's output (raised with ``strict=True``)."""
 
 
@@ -54,11 +56,15 @@ class RecipeError(SEInjectError, ValueError):
 
 
 class CheckpointError(SEInjectError, ValueError):
-    """A weights file given with ``--checkpoint`` is missing, unreadable or not a state_dict."""
+    """Weights for the source model are missing, unreadable, unreachable or not a state_dict."""
 
 
 class UnknownModelError(SEInjectError, ValueError):
     """A model name is not known to timm."""
+
+
+class NoResidualAddsError(SEInjectError, ValueError):
+    """The ``se-inject`` command was asked to convert a model that has no site for SE."""
 
 
 class SEInjectWarning(UserWarning):

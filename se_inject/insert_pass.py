@@ -8,13 +8,14 @@ style of ``torch.fx.subgraph_rewriter``: the caller collects the targets first, 
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 from torch import fx, nn
 
-__all__ = ["InsertionPoint", "InsertResult", "insert_modules", "free_attribute_name"]
+from .ops import is_inplace_add
+
+__all__ = ["InsertionPoint", "insert_modules", "free_attribute_name"]
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,6 @@ class InsertionPoint:
     module: nn.Module
 
 
-class InsertResult(NamedTuple):
-    """What :func:`insert_modules` did: the call_module nodes it created, by attribute name."""
-
-    nodes: dict[str, fx.Node]
-
-
 def free_attribute_name(gm: nn.Module, base: str, taken: set[str]) -> str:
     """``base``, or ``base_1``, ``base_2`` ... : the first name that ``gm`` does not use.
 
@@ -53,13 +48,7 @@ def free_attribute_name(gm: nn.Module, base: str, taken: set[str]) -> str:
     return candidate
 
 
-def _is_inplace_add(node: fx.Node) -> bool:
-    return (node.op == "call_method" and node.target == "add_") or (
-        node.op == "call_function" and node.target is operator.iadd
-    )
-
-
-def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> InsertResult:
+def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict[str, fx.Node]:
     """Insert each point's module between its ``tail`` and its ``consumer``, in place.
 
     If the consumer is an in-place add on the tail (``tail.add_(shortcut)``), later readers of the
@@ -70,7 +59,7 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> Inse
         points: where to insert, all collected before the first mutation.
 
     Returns:
-        The created nodes, by module name.
+        The created ``call_module`` nodes, by module name.
 
     Raises:
         ValueError: a consumer does not read its tail, or a name is already a submodule; the
@@ -80,7 +69,8 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> Inse
         >>> import torch
         >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU()))
         >>> conv, relu = [n for n in gm.graph.nodes if n.op == "call_module"]
-        >>> _ = insert_modules(gm, [InsertionPoint(conv, relu, "extra", torch.nn.Identity())])
+        >>> insert_modules(gm, [InsertionPoint(conv, relu, "extra", torch.nn.Identity())])
+        {'extra': extra}
         >>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
         ['0', 'extra', '1']
     """
@@ -100,11 +90,11 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> Inse
         with graph.inserting_before(point.consumer):
             node = graph.call_module(point.name, (point.tail,))
         point.consumer.replace_input_with(point.tail, node)
-        if _is_inplace_add(point.consumer) and point.consumer.args[0] is node:
+        if is_inplace_add(point.consumer) and point.consumer.args[0] is node:
             later = [u for u in point.tail.users if position.get(u, -1) > position[point.consumer]]
             for user in later:
                 user.replace_input_with(point.tail, point.consumer)
         created[point.name] = node
     graph.lint()
     gm.recompile()
-    return InsertResult(created)
+    return created

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import timm.layers as timm_layers
 import torch
 import torchvision.ops as tv_ops
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from .se_block import SEBlock
@@ -30,6 +30,13 @@ __all__ = [
     "is_activation_module",
     "is_gate_module",
     "module_has_weight_matrix",
+    "target_name",
+    "add_operands",
+    "is_inplace_add",
+    "is_mul",
+    "is_conv_like",
+    "is_nonlinear",
+    "is_regularizer",
 ]
 
 
@@ -121,7 +128,8 @@ _ACTIVATION_NAMES = frozenset({
 _GATE_NAMES = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hard_sigmoid", "softmax"})
 
 
-def _callable_name(target: Any) -> Optional[str]:
+def target_name(target: Any) -> Optional[str]:
+    """The bare name of a call target (``"permute"`` for ``torch.permute`` or a method)."""
     if isinstance(target, str):
         return target
     return getattr(target, "__name__", None)
@@ -131,7 +139,7 @@ def is_activation_call(op: str, target: Any) -> bool:
     """Whether a ``call_function`` / ``call_method`` node applies a pointwise nonlinearity."""
     if op not in ("call_function", "call_method"):
         return False
-    name = _callable_name(target)
+    name = target_name(target)
     if name is None or name not in _ACTIVATION_NAMES:
         return False
     if op == "call_method":
@@ -142,7 +150,7 @@ def is_activation_call(op: str, target: Any) -> bool:
 
 def is_gate_call(op: str, target: Any) -> bool:
     """Whether a ``call_function`` / ``call_method`` node is a sigmoid-like or softmax gate."""
-    return is_activation_call(op, target) and _callable_name(target) in _GATE_NAMES
+    return is_activation_call(op, target) and target_name(target) in _GATE_NAMES
 
 
 def is_activation_module(m: nn.Module) -> bool:
@@ -238,10 +246,66 @@ CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.co
 MATMUL_NAMES = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "linear"})
 
 
-def target_name(target: Any) -> Optional[str]:
-    """The bare name of a call target (``"permute"`` for ``torch.permute`` or a method)."""
-    return _callable_name(target)
-
-
 def is_pool_module(m: nn.Module) -> bool:
     return isinstance(m, _POOL_TYPES + _UPSAMPLE_TYPES)
+
+
+# -- node predicates ---------------------------------------------------------------------------
+
+def add_operands(node: fx.Node) -> Optional[tuple[Any, Any]]:
+    """The two operands of an add node (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_``).
+
+    Returns None for nodes that are not adds, and for ``torch.add`` with an ``alpha``.
+    """
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
+        args = list(node.args) + [node.kwargs[k] for k in ("input", "other") if k in node.kwargs]
+    elif node.op == "call_method" and node.target in ("add", "add_"):
+        args = list(node.args) + [node.kwargs[k] for k in ("other",) if k in node.kwargs]
+    else:
+        return None
+    if node.kwargs.get("alpha", 1) != 1 or len(args) != 2:
+        return None
+    return args[0], args[1]
+
+
+def is_inplace_add(node: fx.Node) -> bool:
+    """Whether ``node`` adds in place into its first operand (``a.add_(b)``, ``a += b``)."""
+    return (node.op == "call_method" and node.target == "add_") or (
+        node.op == "call_function" and node.target is operator.iadd)
+
+
+def is_mul(node: fx.Node) -> bool:
+    """Whether ``node`` is a product (``*``, ``*=``, ``torch.mul``, ``Tensor.mul``/``mul_``)."""
+    return (node.op == "call_function" and node.target in MUL_TARGETS) or (
+        node.op == "call_method" and node.target in ("mul", "mul_"))
+
+
+def is_conv_like(node: fx.Node, module: Optional[nn.Module]) -> bool:
+    """A conv or linear: a module (or a leaf holding a weight matrix), ``F.conv*``/``F.linear``, a matmul.
+
+    ``module`` is the module a ``call_module`` node calls (None for other nodes).
+    """
+    if module is not None:
+        return isinstance(module, CONV_TYPES + LINEAR_TYPES) or module_has_weight_matrix(module)
+    if node.op == "call_function" and node.target in CONV_FUNCTIONS:
+        return True
+    return node.op in ("call_function", "call_method") and target_name(node.target) in MATMUL_NAMES
+
+
+def is_nonlinear(node: fx.Node, module: Optional[nn.Module]) -> bool:
+    """An activation (module or call), or a leaf that is not a primitive layer.
+
+    Products of two data tensors are nonlinear too; that needs the graph
+    (:meth:`se_inject.graph_index.GraphIndex.is_data_product`).
+    """
+    if module is not None:
+        return is_activation_module(module) or not is_primitive_leaf(module)
+    return is_activation_call(node.op, node.target)
+
+
+def is_regularizer(node: fx.Node, module: Optional[nn.Module]) -> bool:
+    """Identity at inference: drop-path, dropout, ``nn.Identity`` (modules or functions)."""
+    if module is not None:
+        return isinstance(module, REGULARIZER_TYPES)
+    return node.op == "call_function" and target_name(node.target) in ("dropout", "stochastic_depth", "drop_path")
+

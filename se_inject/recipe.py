@@ -29,8 +29,10 @@ import torch
 import torchvision
 from torch import nn
 
+from .api import inject
 from .errors import OptionError, RecipeError, UnknownModelError
-from .injection import Injection, SEOptions, inject
+from .plan import Injection
+from .utils import describe_mismatch, version
 
 __all__ = ["save", "load", "read_recipe", "RECIPE_FILE", "WEIGHTS_FILE", "FORMAT", "FORMAT_VERSION"]
 
@@ -46,26 +48,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _layer_name(value: Any, option: str) -> str:
-    if isinstance(value, str):
-        return value
-    raise RecipeError(f"{option}={value!r} is a class; a recipe can only record layer names "
-                      f"(e.g. 'relu', 'sigmoid'). Pass the option by name to save this model.")
-
-
-def _options_dict(options: SEOptions) -> dict[str, Any]:
-    return {
-        "reduction": options.reduction,
-        "rd_divisor": options.rd_divisor,
-        "act_layer": _layer_name(options.act_layer, "act_layer"),
-        "gate_layer": _layer_name(options.gate_layer, "gate_layer"),
-        "identity_init": options.identity_init,
-        "include": None if options.include is None else list(options.include),
-        "exclude": list(options.exclude),
-        "min_channels": options.min_channels,
-    }
 
 
 def save(
@@ -98,7 +80,10 @@ def save(
         json.dumps(kwargs)
     except TypeError as e:
         raise RecipeError(f"model_kwargs must be JSON-serialisable to be recorded: {e}") from e
-    options = _options_dict(result.plan.options)
+    try:
+        options = result.plan.options.to_dict()
+    except OptionError as e:
+        raise RecipeError(f"cannot record this model's options: {e}. Pass the option by name to save it.") from e
     out = Path(directory)
     recipe_path, weights_path = out / RECIPE_FILE, out / WEIGHTS_FILE
     if not overwrite and (recipe_path.exists() or weights_path.exists()):
@@ -113,17 +98,11 @@ def save(
         "example_input_shape": list(result.plan.input_shapes[0]) if result.plan.input_shapes else None,
         "sites": [s.name for s in result.plan.sites],
         "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights_path)},
-        "versions": {"se_inject": _version(), "torch": torch.__version__, "timm": timm.__version__,
+        "versions": {"se_inject": version(), "torch": torch.__version__, "timm": timm.__version__,
                      "torchvision": torchvision.__version__},
     }
     recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe_path
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _require(cond: bool, path: Path, what: str) -> None:
@@ -147,10 +126,10 @@ def read_recipe(directory: Union[str, os.PathLike]) -> dict[str, Any]:
         raise RecipeError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from e
     _require(isinstance(recipe, dict) and recipe.get("format") == FORMAT, path,
              f"it has no \"format\": \"{FORMAT}\" field (written by another tool?)")
-    version = recipe.get("format_version")
-    _require(isinstance(version, int), path, "format_version is missing")
-    if version > FORMAT_VERSION:
-        raise RecipeError(f"{path} has format version {version}; this se_inject reads version "
+    format_version = recipe.get("format_version")
+    _require(isinstance(format_version, int), path, "format_version is missing")
+    if format_version > FORMAT_VERSION:
+        raise RecipeError(f"{path} has format version {format_version}; this se_inject reads version "
                           f"{FORMAT_VERSION}. Upgrade se_inject.")
     source, options, sites, weights = (recipe.get(k) for k in ("source", "options", "sites", "weights"))
     _require(isinstance(source, dict) and source.get("library") == "timm" and isinstance(source.get("model"), str)
@@ -202,7 +181,7 @@ def load(directory: Union[str, os.PathLike]) -> nn.Module:
     shape = recipe.get("example_input_shape")
     try:
         result = inject(model, example_inputs=torch.randn(shape) if shape else None, **recipe["options"])
-    except (TypeError, OptionError) as e:
+    except OptionError as e:
         raise RecipeError(f"{directory / RECIPE_FILE} has invalid options: {e}") from e
     sites = [s.name for s in result.plan.sites]
     if sites != recipe["sites"]:
@@ -220,15 +199,8 @@ def _load_exact(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: Pat
     # safetensors stores one copy of tied tensors; the model's other names for them are aliases.
     aliases = {k for k, v in expected.items() if k not in tensors and any(
         v is expected[j] for j in tensors if j in expected)}
-    missing = sorted(set(expected) - set(tensors) - aliases)
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise RecipeError(f"{path} does not match the model: missing tensors {missing[:5]}"
-                          f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {extra[:5]}"
-                          f"{' ...' if len(extra) > 5 else ''}")
-    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
-             for k in tensors if tuple(tensors[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        raise RecipeError(f"{path} has tensors of the wrong shape: {wrong[:5]}")
+    mismatch = describe_mismatch(expected, tensors, aliases=aliases)
+    if mismatch:
+        raise RecipeError(f"{path} does not match the model: {mismatch}")
     model.load_state_dict(dict(tensors), strict=False)
 

@@ -1,7 +1,7 @@
 """What did SE cost? Parameters and FLOPs before and after, per site and in total.
 
 :func:`build_report` returns plain data (:class:`Report`, whose :meth:`Report.to_dict` is the JSON
-form); :func:`render_report` and :func:`render_summary` draw it with rich. FLOPs come from
+form); :mod:`se_inject.render` draws it with rich. FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per multiply-add of convs and
 matmuls and nothing for pooling, activations and elementwise ops; SE's own elementwise work (the
 squeeze mean, the activations, the gate scaling and the reweighting product) is reported
@@ -15,16 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .injection import Injection, Site, eval_mode
+from .plan import Injection, Site, Skip, Untraceable
 from .se_block import SEBlock
-from .sites import SKIP_REASONS
+from .utils import eval_mode
 
-__all__ = ["SiteCost", "Report", "build_report", "count_flops", "render_report", "render_summary", "FLOPS_NOTE"]
+__all__ = ["SiteCost", "Report", "build_report", "count_flops", "FLOPS_NOTE"]
 
 FLOPS_NOTE = (
     "FLOPs from torch.utils.flop_counter.FlopCounterMode: 2 per multiply-add of convs and matmuls; "
@@ -68,8 +66,8 @@ class Report:
     flops_before: int
     flops_after: int
     sites: list[SiteCost] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    untraceable: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    untraceable: list[Untraceable] = field(default_factory=list)
 
     @property
     def params_added(self) -> int:
@@ -110,8 +108,8 @@ class Report:
                 }
                 for s in self.sites
             ],
-            "skipped": list(self.skipped),
-            "untraceable": list(self.untraceable),
+            "skipped": [s.to_dict() for s in self.skipped],
+            "untraceable": [u.to_dict() for u in self.untraceable],
         }
 
 
@@ -170,92 +168,6 @@ def build_report(original: nn.Module, result: Injection, example_inputs: Sequenc
         flops_before=flops_before,
         flops_after=flops_after,
         sites=sites,
-        skipped=[{"name": s.name, "reason": s.reason, "detail": s.detail} for s in result.plan.skipped],
-        untraceable=[{"path": u.path or "<root>", "error": u.error} for u in result.plan.untraceable],
+        skipped=list(result.plan.skipped),
+        untraceable=list(result.plan.untraceable),
     )
-
-
-def _si(value: float, unit: str = "") -> str:
-    """3 significant figures with k/M/G/T, e.g. ``8.18 G``."""
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {prefix}{unit}"
-    return f"{value:g} {unit}".rstrip()
-
-
-def _pct(added: int, before: int) -> str:
-    if not before:
-        return "n/a"
-    pct = 100.0 * added / before
-    return f"+{pct:.3f}%" if abs(pct) < 0.1 else f"+{pct:.2f}%"
-
-
-def render_report(report: Report, console: Console, *, show_skipped: bool = False) -> None:
-    """Draw ``report``: totals, one row per site, skipped adds collapsed by reason."""
-    shape = "x".join(str(s) for s in report.input_shape)
-    totals = Table(title=f"{report.model}  ·  input {shape}  ·  reduction {report.reduction}",
-                   title_justify="left", show_edge=False)
-    for col in ("", "before", "after", "added", ""):
-        totals.add_column(col, justify="right")
-    totals.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}",
-                   f"{report.params_added:,}", _pct(report.params_added, report.params_before))
-    totals.add_row("", _si(report.params_before), _si(report.params_after), _si(report.params_added), "",
-                   style="dim")
-    totals.add_row("FLOPs (counter)", f"{report.flops_before:,}", f"{report.flops_after:,}",
-                   f"{report.flops_added:,}", _pct(report.flops_added, report.flops_before))
-    totals.add_row("", _si(report.flops_before), _si(report.flops_after), _si(report.flops_added), "",
-                   style="dim")
-    with_elementwise = report.flops_added + report.elementwise_flops
-    totals.add_row("FLOPs + SE elementwise", "", f"{report.flops_after + report.elementwise_flops:,}",
-                   f"{with_elementwise:,}", _pct(with_elementwise, report.flops_before))
-    console.print(totals)
-    console.print(f"[dim]{FLOPS_NOTE}[/dim]")
-
-    if report.sites:
-        table = Table(title=f"{len(report.sites)} SE blocks", title_justify="left", show_edge=False)
-        for col, justify in (("site", "left"), ("C", "right"), ("hidden", "right"), ("map", "right"),
-                             ("params", "right"), ("FLOPs", "right"), ("elementwise", "right")):
-            table.add_column(col, justify=justify)
-        for s in report.sites:
-            table.add_row(s.name, f"{s.channels:,}", f"{s.hidden:,}", "x".join(map(str, s.feature_map)),
-                          f"{s.params:,}", f"{s.flops:,}", f"{s.elementwise_flops:,}")
-        table.add_section()
-        table.add_row("total", "", "", "", f"{sum(s.params for s in report.sites):,}",
-                      f"{sum(s.flops for s in report.sites):,}", f"{report.elementwise_flops:,}", style="bold")
-        console.print(table)
-    render_skipped(report.skipped, console, show_paths=show_skipped)
-    for u in report.untraceable:
-        console.print(f"[yellow]not traceable as a whole[/yellow] {u['path']}: {u['error']} "
-                      f"(its submodules were analysed)")
-
-
-def render_skipped(skipped: Sequence[dict[str, str]], console: Console, *, show_paths: bool = False) -> None:
-    """Skipped adds, one line per reason (with every add's name when ``show_paths``)."""
-    if not skipped:
-        return
-    groups: dict[str, list[dict[str, str]]] = {}
-    for s in skipped:
-        groups.setdefault(s["reason"], []).append(s)
-    table = Table(title=f"{len(skipped)} adds skipped", title_justify="left", show_edge=False)
-    table.add_column("adds", justify="right")
-    table.add_column("reason")
-    table.add_column("e.g." if not show_paths else "where")
-    for reason, items in groups.items():
-        where = "\n".join(f"{i['name']}  [dim]{i['detail']}[/dim]" for i in items) if show_paths else items[0]["name"]
-        table.add_row(str(len(items)), f"[bold]{reason}[/bold]: {SKIP_REASONS.get(reason, '')}", where)
-    console.print(table)
-
-
-def render_summary(reports: Sequence[Report], console: Console) -> None:
-    """One table for several models: sites, +params %, +FLOPs %."""
-    table = Table(title="summary", title_justify="left", show_edge=False)
-    for col, justify in (("model", "left"), ("sites", "right"), ("skipped", "right"), ("params", "right"),
-                         ("+params", "right"), ("FLOPs", "right"), ("+FLOPs", "right"),
-                         ("+FLOPs incl. elementwise", "right")):
-        table.add_column(col, justify=justify)
-    for r in reports:
-        table.add_row(r.model, str(len(r.sites)), str(len(r.skipped)), _si(r.params_after),
-                      _pct(r.params_added, r.params_before), _si(r.flops_after),
-                      _pct(r.flops_added, r.flops_before),
-                      _pct(r.flops_added + r.elementwise_flops, r.flops_before))
-    console.print(table)

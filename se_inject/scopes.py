@@ -5,8 +5,9 @@ when it cannot, each child is tried in turn. Leaves that are not primitive (timm
 blocks such as ``NormFreeBlock``) become scopes of their own, since they can hold residual adds.
 
 Shapes come from one forward on the example input: :class:`ShapeRecorder` runs the top scope,
-forward pre-hooks record the inputs each nested scope receives, and the recorder runs those
-scopes on what they received.
+the inputs each nested scope receives are recorded (:func:`se_inject.capture.recording`), and
+the recorder runs those scopes on what they received. Where a traced graph does not run on what
+its module really receives, that module's children are traced instead (:func:`runnable_scopes`).
 """
 
 from __future__ import annotations
@@ -19,18 +20,15 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
-from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import ExampleInputError
+from .capture import outputs_match, recording
+from .errors import ExampleInputError, TraceError
 from .ops import is_primitive_leaf
+from .plan import Untraceable
 from .tracer import trace
+from .utils import describe_error, first_line, join_path
 
-__all__ = ["Scope", "Untraceable", "ShapeRecorder", "TracedRootFails", "discover_scopes", "propagate_shapes", "outputs_match", "join_path"]
-
-
-def join_path(*parts: str) -> str:
-    """Join module path parts, skipping empty ones (the root's path is ``""``)."""
-    return ".".join(p for p in parts if p)
+__all__ = ["Scope", "ShapeRecorder", "discover_scopes", "propagate_shapes", "runnable_scopes"]
 
 
 @dataclass
@@ -63,17 +61,16 @@ class Scope:
         return None
 
 
-@dataclass(frozen=True)
-class Untraceable:
-    """A module fx could not trace (its children were tried instead), with the reason."""
-
-    path: str
-    error: str
+class _NotTraced(Exception):
+    """The module is known not to run as a traced graph."""
 
 
-def discover_scopes(
-    model: nn.Module, *, skip: Optional[dict[str, str]] = None
-) -> tuple[list[Scope], list[Untraceable]]:
+class _TracedRootFails(Exception):
+    """The model's traced graph fails on the example input although the model itself runs."""
+
+
+def discover_scopes(model: nn.Module, *, skip: Optional[dict[str, str]] = None
+                    ) -> tuple[list[Scope], list[Untraceable]]:
     """Trace ``model`` into scopes, parents before children; report what could not be traced.
 
     Args:
@@ -94,8 +91,7 @@ def discover_scopes(
                 raise _NotTraced(skip[path])
             gm = trace(module)
         except Exception as e:  # fx raises many types; all mean "not traceable as a whole"
-            reason = str(e) if isinstance(e, _NotTraced) else f"{type(e).__name__}: {e}".splitlines()[0]
-            untraceable.append(Untraceable(path, reason))
+            untraceable.append(Untraceable(path, str(e) if isinstance(e, _NotTraced) else describe_error(e)))
             for name, child in module.named_children():
                 visit(child, join_path(path, name))
             return
@@ -106,21 +102,6 @@ def discover_scopes(
 
     visit(model, "")
     return scopes, untraceable
-
-
-class _NotTraced(Exception):
-    """The root is known not to run as a traced graph."""
-
-
-class TracedRootFails(Exception):
-    """The model's traced graph fails on the example input although the model itself runs."""
-
-
-def _run_scope(scope: Scope) -> Any:
-    signature = inspect.signature(scope.gm.forward)
-    bound = signature.bind(*(scope.args or ()), **scope.kwargs)
-    bound.apply_defaults()
-    return ShapeRecorder(scope.gm).run(*bound.arguments.values())
 
 
 class ShapeRecorder(fx.Interpreter):
@@ -153,20 +134,58 @@ class ShapeRecorder(fx.Interpreter):
         return result
 
 
-def _node_path(node: fx.Node) -> str:
+def _node_path(node: Optional[fx.Node]) -> str:
+    if node is None:
+        return "<root>"
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack", {})
     return f"{list(stack.values())[-1][0] if stack else '<root>'} ({node.name})"
 
 
-def _clone(value: Any) -> Any:
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
+def _run_scope(scope: Scope) -> Any:
+    bound = inspect.signature(scope.gm.forward).bind(*(scope.args or ()), **scope.kwargs)
+    bound.apply_defaults()
+    return ShapeRecorder(scope.gm).run(*bound.arguments.values())
 
 
-def propagate_shapes(
-    model: nn.Module, scopes: list[Scope], example_inputs: tuple[Any, ...]
-) -> tuple[Any, list[Untraceable]]:
+def _example_input_error(model: nn.Module, inputs: tuple[Any, ...], error: Exception,
+                         where: Optional[fx.Node]) -> ExampleInputError:
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__  # type: ignore[assignment]
+    at = f" (at {_node_path(where)})" if where is not None else ""
+    return ExampleInputError(
+        f"{type(model).__name__} does not run on an example input of shape {shapes}{at}: "
+        f"{type(cause).__name__}: {first_line(cause)} Pass example_inputs= with inputs the model accepts "
+        f"(e.g. a (1, 3, 16, 112, 112) tensor for a video model).")
+
+
+def _run_top(model: nn.Module, top: Optional[Scope], inputs: tuple[Any, ...]) -> Any:
+    """One forward: the top scope's graph under the shape recorder, or the model itself."""
+    recorder = ShapeRecorder(top.gm) if top is not None else None
+    try:
+        with torch.no_grad():
+            if recorder is None:
+                return model(*inputs)
+            top.args, top.calls = inputs, 1  # type: ignore[union-attr]
+            return recorder.run(*inputs)
+    except Exception as e:
+        if recorder is not None:
+            try:
+                with torch.no_grad():
+                    model(*inputs)
+            except Exception:
+                pass
+            else:  # fx traced something the model does not do: trace its children instead
+                raise _TracedRootFails(f"the traced graph fails at {_node_path(recorder.current)}: "
+                                       f"{describe_error(e)}") from e
+        raise _example_input_error(model, inputs, e, recorder.current if recorder else None) from e
+
+
+def propagate_shapes(model: nn.Module, scopes: list[Scope], example_inputs: tuple[Any, ...]
+                     ) -> tuple[Any, list[Untraceable]]:
     """Annotate every scope's nodes with shapes from one forward of ``model`` on the inputs.
 
     The top scope (the model itself, when traced) runs under :class:`ShapeRecorder`; nested
@@ -183,88 +202,52 @@ def propagate_shapes(
     """
     top = scopes[0] if scopes and scopes[0].path == "" else None
     nested = [s for s in scopes if s is not top]
-    outputs: dict[int, Any] = {}
-
-    def pre_hook(scope: Scope):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            scope.calls += 1
-            if scope.args is None:
-                scope.args, scope.kwargs = _clone(args), _clone(dict(kwargs))
-        return hook
-
-    def post_hook(scope: Scope):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if id(scope) not in outputs:
-                outputs[id(scope)] = _clone(output)
-        return hook
-
-    handles = [s.module.register_forward_pre_hook(pre_hook(s), with_kwargs=True) for s in nested]
-    handles += [s.module.register_forward_hook(post_hook(s)) for s in nested]
-    prop = ShapeRecorder(top.gm) if top is not None else None
-    try:
-        with torch.no_grad():
-            if prop is not None:
-                top.args, top.calls = example_inputs, 1  # type: ignore[union-attr]
-                result = prop.run(*example_inputs)
-            else:
-                result = model(*example_inputs)
-    except Exception as e:
-        if prop is not None:
-            try:
-                model(*example_inputs)
-            except Exception:
-                pass
-            else:  # fx traced something the model does not do: trace its children instead
-                failing = _node_path(prop.current) if prop.current is not None else "<root>"
-                raise TracedRootFails(f"the traced graph fails at {failing}: {type(e).__name__}: "
-                                      f"{(str(e).strip().splitlines() or [''])[0]}") from e
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        where = f" (at {_node_path(prop.current)})" if prop is not None and prop.current is not None else ""
-        reason = (str(cause).strip().splitlines() or [""])[0]
-        raise ExampleInputError(
-            f"{type(model).__name__} does not run on an example input of shape {shapes}{where}: "
-            f"{type(cause).__name__}: {reason} Pass example_inputs= with inputs the model accepts "
-            f"(e.g. a (1, 3, 16, 112, 112) tensor for a video model)."
-        ) from e
-    finally:
-        for h in handles:
-            h.remove()
-
+    with recording(s.module for s in nested) as calls:
+        result = _run_top(model, top, example_inputs)
     failed: list[Untraceable] = []
     with torch.no_grad():
         for scope in nested:
-            if scope.args is None:
+            call = calls.get(id(scope.module))
+            if call is None:
                 continue
+            scope.args, scope.kwargs, scope.calls = call.args, call.kwargs, call.count
             try:
                 traced_output = _run_scope(scope)
             except Exception as e:
-                first = (str(e).strip().splitlines() or [""])[0]
-                failed.append(Untraceable(scope.path, f"the traced graph fails to run: {type(e).__name__}: {first}"))
+                failed.append(Untraceable(scope.path, f"the traced graph fails to run: {describe_error(e)}"))
                 continue
-            scope.faithful = outputs_match(outputs.get(id(scope)), traced_output) is None
+            scope.faithful = outputs_match(call.output, traced_output) is None
     failed_paths = {f.path for f in failed}
     scopes[:] = [s for s in scopes if s.path not in failed_paths]
     return result, failed
 
 
-def outputs_match(expected: Any, actual: Any) -> Optional[str]:
-    """None if two outputs match (structure, shapes, values within rtol 1e-4 / atol 1e-5),
-    else what differs."""
-    exp_leaves, exp_spec = tree_flatten(expected)
-    act_leaves, act_spec = tree_flatten(actual)
-    if exp_spec != act_spec:
-        return "the output structure differs"
-    worst = 0.0
-    for e, a in zip(exp_leaves, act_leaves):
-        if isinstance(e, torch.Tensor):
-            if not isinstance(a, torch.Tensor) or e.shape != a.shape:
-                return "an output shape differs"
-            if e.is_floating_point():
-                if not torch.allclose(e, a, rtol=1e-4, atol=1e-5, equal_nan=True):
-                    worst = max(worst, float((e.float() - a.float()).abs().max()))
-            elif not torch.equal(e, a):
-                return "an integer output differs"
-    return None if worst == 0.0 else f"max |difference| {worst:.3g}"
+def runnable_scopes(model: nn.Module, example_inputs: tuple[Any, ...]
+                    ) -> tuple[list[Scope], list[Untraceable], Any]:
+    """Trace ``model`` into scopes that all run on what their modules receive, with shapes.
+
+    Where a traced graph does not run, that module's children are traced instead, and again,
+    until every scope runs. Returns the scopes, what could not be traced whole, and the output of
+    the top scope's graph (or of the model, when its root is not traced).
+
+    Raises:
+        TraceError: no module that could hold a residual add can be traced.
+        ExampleInputError: the model does not run on ``example_inputs``.
+    """
+    skip: dict[str, str] = {}
+    while True:
+        scopes, untraceable = discover_scopes(model, skip=skip)
+        if not scopes:
+            first = untraceable[0].error if untraceable else "no module"
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__} (path '<root>') or any submodule that "
+                f"could hold a residual add: {first}. Make the forward free of data-dependent control "
+                f"flow, or apply se_inject to a traceable submodule.")
+        try:
+            traced_output, failed = propagate_shapes(model, scopes, example_inputs)
+        except _TracedRootFails as e:
+            skip[""] = str(e)
+            continue
+        if not failed:
+            return scopes, untraceable, traced_output
+        skip.update({f.path: f.error for f in failed})

@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from se_inject import SEBlock, SitePlan
-from se_inject.sites import add_operands
+from se_inject.ops import add_operands
 
 
 def count_params(model: nn.Module) -> int:
@@ -37,9 +37,10 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
         assert torch.equal(value, after["state"][key]), key
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def upstream(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it reads, directly or not."""
     seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
+    stack = [node]
     while stack:
         n = stack.pop()
         if n not in seen:
@@ -61,12 +62,12 @@ def residual_adds_with_se(model: nn.Module, plan: SitePlan) -> Iterator[tuple[st
         assert isinstance(gm.get_submodule(local), SEBlock)
         for node in gm.graph.nodes:
             operands = add_operands(node)
-            if operands and any(isinstance(o, fx.Node) and se_node in _ancestors(o) | {o} for o in operands):
+            if operands and any(isinstance(o, fx.Node) and se_node in upstream(o) for o in operands):
                 break
         else:
             raise AssertionError(f"{site.name}: no add reads the SE output")
         a, b = operands
-        branch, shortcut = (a, b) if se_node in _ancestors(a) | {a} else (b, a)
+        branch, shortcut = (a, b) if se_node in upstream(a) else (b, a)
         yield site.name, gm, se_node, branch, shortcut
 
 
@@ -78,8 +79,8 @@ def assert_shortcuts_untouched(model: nn.Module, plan: SitePlan) -> None:
     """
     checked = 0
     for name, gm, se_node, branch, shortcut in residual_adds_with_se(model, plan):
-        assert se_node in _ancestors(branch) | {branch}, name
-        shortcut_only = (_ancestors(shortcut) | {shortcut}) - (_ancestors(branch) | {branch})
+        assert se_node in upstream(branch), name
+        shortcut_only = upstream(shortcut) - upstream(branch)
         for n in shortcut_only:
             if n.op == "call_module":
                 assert not isinstance(gm.get_submodule(n.target), SEBlock), f"{name}: SE on the shortcut"

@@ -54,8 +54,8 @@ from torch import fx, nn
 
 import se_inject
 from se_inject import GraphModuleRootWarning, NoResidualAddsWarning, RefusedModuleWarning, SEBlock
-from se_inject.sites import add_operands
-from tests.helpers import count_params
+from se_inject.ops import add_operands
+from tests.helpers import count_params, upstream
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -546,17 +546,6 @@ def canonical_ids(graph: fx.Graph, table: dict, transparent: set[fx.Node] = froz
     return ids, operands
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen  # includes node itself
-
-
 def _is_se(gm: fx.GraphModule, n: fx.Node) -> bool:
     return n.op == "call_module" and isinstance(gm.get_submodule(n.target), SEBlock)
 
@@ -610,9 +599,9 @@ def check_graphs(original: nn.Module, injected: nn.Module, plan: se_inject.SiteP
                 (add,) = in_place or adds or list(add.users)
             assert add.name == site.add, (add.name, site.add)
             a, b = add_operands(add)
-            branch_i = 0 if se_node in _ancestors(a) else 1
+            branch_i = 0 if se_node in upstream(a) else 1
             branch, shortcut = (a, b) if branch_i == 0 else (b, a)
-            assert se_node not in _ancestors(shortcut), f"{site.name}: SE reaches the shortcut operand"
+            assert se_node not in upstream(shortcut), f"{site.name}: SE reaches the shortcut operand"
             # The same add exists in the original graph, reading the same shortcut operand and
             # (SE transparent) the same branch operand.
             ref_add = ref_adds[new_ids[add]]
@@ -624,14 +613,14 @@ def check_graphs(original: nn.Module, injected: nn.Module, plan: se_inject.SiteP
             ref_tail_id = ref_ids[ref_tail] if ref_tail is not ref_ops[branch_i] else ref_operands[ref_add][branch_i]
             assert new_ids[se_node] == ref_tail_id, f"{site.name}: SE is not on the branch's last op"
             # Nothing that only the shortcut reads (fork to add) is an SE; its ops are the label's.
-            shortcut_only = _ancestors(shortcut) - _ancestors(tail)
+            shortcut_only = upstream(shortcut) - upstream(tail)
             assert not any(_is_se(gm, n) for n in shortcut_only), f"{site.name}: SE on the shortcut path"
             ordered = [n for n in gm.graph.nodes if n in shortcut_only]
             labels = [type(gm.get_submodule(n.target)).__name__ if n.op == "call_module"
                       else str(getattr(n.target, "__name__", n.target)) for n in ordered if n.op != "get_attr"]
             assert (" > ".join(labels) or "identity") == site.shortcut, (site.name, labels, site.shortcut)
             if site.shortcut == "identity":
-                assert shortcut in _ancestors(tail)  # the fork itself
+                assert shortcut in upstream(tail)  # the fork itself
 
 
 # -- the properties -------------------------------------------------------------------------------
@@ -697,6 +686,7 @@ def _se_param_name(name: str) -> bool:
     return any(p == "se" or (p.startswith("se_") and p[3:].isdigit()) for p in parts[:-2])
 
 
+@pytest.mark.slow
 @settings(deadline=None)
 @given(spec=net_specs())
 @example(spec=EXAMPLES[0])

@@ -159,5 +159,6 @@ def test_checkpoints_are_read_without_pickle(tmp_path):
         se_inject.read_state_dict(tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         se_inject.read_state_dict(tmp_path / "nope.safetensors")
-    with pytest.raises(CheckpointError, match=r"does not fit ResNet: missing \['layer1.0.conv3.weight'.*mis-shaped"):
+    with pytest.raises(CheckpointError, match=r"does not fit ResNet: missing tensors \['layer1.0.bn3.bias'.*"
+                       r"wrong shape \['layer1.0.conv1.weight: \(64, 64, 3, 3\) vs \(64, 64, 1, 1\)'"):
         se_inject.load_checkpoint(timm.create_model("resnet50"), tmp_path / "wrapped.pth")

@@ -61,7 +61,8 @@ def test_skipped_adds_are_listed_with_reasons():
     inputs = (torch.randn(1, 3, 64, 64),)
     report = build_report(model, se_inject.inject(model, example_inputs=inputs), inputs)
     assert len(report.sites) == 16
-    assert {s["reason"] for s in report.skipped} == {"split-slice"} and len(report.skipped) == 24
+    assert {s.reason for s in report.skipped} == {"split-slice"} and len(report.skipped) == 24
+    assert {s["reason"] for s in report.to_dict()["skipped"]} == {"split-slice"}
 
 
 def test_identity_init_gain_counts_in_the_elementwise_work():

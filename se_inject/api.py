@@ -1,0 +1,163 @@
+"""``apply``, ``inject`` and ``find_sites``: SE blocks on the residual branches of a whole model.
+
+The three take the same options (:class:`se_inject.options.SEOptions`), listed in their
+signatures and docstrings; the work is done by :mod:`se_inject.pipeline`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import NoResidualAddsWarning, NotAModuleError, OptionError
+from .options import SEOptions, takes_options
+from .pipeline import analyse, install
+from .plan import Injection, SitePlan
+from .tracer import restore_hooks, stash_hooks
+from .utils import eval_mode, gc_paused, warn
+
+__all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
+
+
+def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
+    """One random image batch of size 1 matching the model.
+
+    The size comes from timm's ``pretrained_cfg["input_size"]`` when the model has one, else
+    3x224x224; device and dtype from the model's first floating parameter. A fixed seed keeps
+    results reproducible.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = tuple(cfg.get("input_size") or (3, 224, 224))
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0))
+    return (x.to(device=device, dtype=dtype),)
+
+
+def _as_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
+    if example_inputs is None:
+        return default_example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise OptionError(f"example_inputs must be a tensor or a non-empty tuple of inputs, got "
+                      f"{type(example_inputs).__name__}")
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise NotAModuleError(f"se_inject needs a torch.nn.Module, got {type(model).__name__}; "
+                              f"build the model first (e.g. timm.create_model(name)).")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(f"{name} must be True or False, got {value!r}")
+
+
+def _analysed(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool):
+    """Plan on ``model`` in eval mode without its hooks, then restore both."""
+    hooks = stash_hooks(model)
+    try:
+        with eval_mode(model) as training:
+            plan, rewrites = analyse(model, options, inputs, strict)
+    finally:
+        restore_hooks(model, hooks)
+    return plan, rewrites, training
+
+
+@takes_options
+def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = False, strict: bool = False,
+           **options: Any) -> Injection:
+    """Insert an SE block on the residual branch of every residual add of ``model``.
+
+    Same as :func:`apply`, but returns the :class:`~se_inject.plan.SitePlan` it followed with the
+    model (``result.model``, ``result.plan``).
+
+    Options:
+        {options}
+    """
+    _check_model(model)
+    opts = SEOptions.from_kwargs(options, caller="inject")
+    _check_flag("inplace", inplace)
+    _check_flag("strict", strict)
+    inputs = _as_inputs(model, example_inputs)
+    with gc_paused():
+        target = model if inplace else copy.deepcopy(model)
+        plan, rewrites, training = _analysed(target, opts, inputs, strict)
+        if plan.sites:
+            return Injection(install(target, rewrites, opts, training), plan)
+    warn(f"{type(model).__name__} has no residual add that can take an SE block ({plan.skip_summary()}); "
+         f"it is returned unchanged.", NoResidualAddsWarning)
+    return Injection(target, plan)
+
+
+@takes_options
+def apply(model: nn.Module, *, example_inputs: Any = None, inplace: bool = False, strict: bool = False,
+          **options: Any) -> nn.Module:
+    """Return ``model`` with an SE block before every residual add, on the residual branch.
+
+    The model is traced with ``torch.fx``; each residual add ``F(x) + shortcut(x)`` becomes
+    ``SE(F(x)) + shortcut(x)``, the shortcut untouched. Only the blocks that hold such adds are
+    rewritten, each into a GraphModule swapped in place, so the model keeps its class, methods
+    and every original state_dict key; each SE block adds ``<block>.se.fc1/fc2`` keys, the same
+    keys as timm's hand-written SE models.
+
+    Args:
+        model: any ``nn.Module``; left untouched unless ``inplace=True``.
+        example_inputs: a tensor or tuple used to trace shapes and verify; by default one
+            random (1, 3, H, W) image sized from timm's ``pretrained_cfg`` or 224x224.
+        inplace: rewrite ``model`` itself instead of a deep copy.
+        strict: raise :class:`VerificationError` when a block's traced graph does not reproduce
+            it, instead of warning and leaving that block alone.
+
+    Options (keyword-only, see :class:`~se_inject.options.SEOptions`):
+        {options}
+
+    Returns:
+        The model with SE blocks (the same object when ``inplace=True``). A model with no
+        residual add gives a :class:`NoResidualAddsWarning` and an unchanged copy.
+
+    Raises:
+        NotAModuleError, OptionError, TraceError, ExampleInputError, VerificationError.
+
+    Example:
+        >>> import timm, se_inject
+        >>> se_model = se_inject.apply(timm.create_model("resnet18"), reduction=16)
+        >>> type(se_model).__name__, sum(p.numel() for p in se_model.parameters())
+        ('ResNet', 11779624)
+    """
+    return inject(model, example_inputs=example_inputs, inplace=inplace, strict=strict, **options).model
+
+
+@takes_options
+def find_sites(model: nn.Module, *, example_inputs: Any = None, strict: bool = False, **options: Any) -> SitePlan:
+    """Dry run of :func:`apply`: where SE would go, which adds are skipped and why.
+
+    Takes the options of :func:`apply` and changes nothing: the analysis, the verification
+    included, runs on a copy of ``model``.
+
+    Options:
+        {options}
+
+    Example:
+        >>> import torchvision, se_inject
+        >>> plan = se_inject.find_sites(torchvision.models.resnet18())
+        >>> [s.name for s in plan.sites][:3]
+        ['layer1.0.se', 'layer1.1.se', 'layer2.0.se']
+    """
+    _check_model(model)
+    if "inplace" in options:
+        raise OptionError("find_sites() never changes the model, so it takes no inplace option; "
+                          "apply() and inject() do")
+    opts = SEOptions.from_kwargs(options, caller="find_sites")
+    _check_flag("strict", strict)
+    inputs = _as_inputs(model, example_inputs)
+    with gc_paused():
+        plan, _, _ = _analysed(copy.deepcopy(model), opts, inputs, strict)
+    return plan

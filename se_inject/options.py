@@ -1,0 +1,177 @@
+"""The options of ``apply`` / ``inject`` / ``find_sites``, defined once.
+
+:class:`SEOptions` is the one place the option list exists: its fields (with their defaults and
+documentation) make the keyword-only parameters of the public functions (:func:`takes_options`
+writes them into their signatures and docstrings), the ``se-inject`` command's flags, and the
+recipe's JSON (:meth:`SEOptions.to_dict` / :meth:`SEOptions.from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import inspect
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Optional, Type, TypeVar, Union
+
+from torch import nn
+
+from .errors import OptionError
+from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, resolve_layer, se_hidden_channels
+
+__all__ = ["SEOptions", "LayerSpec", "takes_options", "option_names"]
+
+LayerSpec = Union[str, Type[nn.Module]]
+
+
+def _option(default: Any, doc: str, **cli: Any) -> Any:
+    """A dataclass field carrying its documentation and how the command line spells it."""
+    return field(default=default, metadata={"doc": doc, "cli": cli})
+
+
+def _from_cli_divisor(value: int) -> Optional[int]:
+    return None if value == 0 else value
+
+
+@dataclass(frozen=True)
+class SEOptions:
+    """How SE blocks are built and where they go. Validated on construction.
+
+    Build it by keyword (``SEOptions(reduction=8)``), from the keyword arguments of a public
+    function (:meth:`from_kwargs`) or from JSON (:meth:`from_dict`).
+    """
+
+    reduction: int = _option(16, "reduction ratio r of the excitation MLP: hidden width about C / r.",
+                             metavar="R", type=int)
+    rd_divisor: Optional[int] = _option(
+        8, "round hidden widths to multiples of this, as timm does (64 -> 8, 256 -> 16); None gives "
+           "the paper's max(1, C // r).",
+        metavar="N", type=int, convert=_from_cli_divisor, note="0 for the paper's max(1, C // r)")
+    act_layer: LayerSpec = _option("relu", "activation of the excitation MLP: a name or an nn.Module class.",
+                                   metavar="NAME", choices=sorted(ACT_LAYERS))
+    gate_layer: LayerSpec = _option("sigmoid", "gate of the excitation: a name or an nn.Module class.",
+                                    metavar="NAME", choices=sorted(GATE_LAYERS))
+    identity_init: bool = _option(False, "start every SE block as an exact identity (outputs unchanged, "
+                                         "every SE parameter still gets gradients).", action="store_true")
+    include: Optional[tuple[str, ...]] = _option(
+        None, "glob patterns on block paths (e.g. 'layer4.*'): only matching blocks get SE. None: all.",
+        action="append", metavar="PATTERN", note="repeatable")
+    exclude: tuple[str, ...] = _option((), "glob patterns on block paths: matching blocks get no SE.",
+                                       action="append", metavar="PATTERN", note="repeatable")
+    min_channels: int = _option(1, "blocks with fewer channels at the add get no SE.", metavar="N", type=int)
+
+    def __post_init__(self) -> None:
+        for name in ("reduction", "min_channels") + (("rd_divisor",) if self.rd_divisor is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.identity_init, bool):
+            raise OptionError(f"identity_init must be True or False, got {self.identity_init!r}")
+        object.__setattr__(self, "include", None if self.include is None else _patterns("include", self.include))
+        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
+        resolve_layer(self.act_layer, ACT_LAYERS, "act_layer")
+        gate = resolve_layer(self.gate_layer, GATE_LAYERS, "gate_layer")
+        if self.identity_init:
+            SEBlock(8, rd_channels=2, gate_layer=gate).init_identity_()  # raises for a bad gate
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], *, caller: str = "SEOptions") -> "SEOptions":
+        """Options from keyword arguments; an unknown name is an :class:`OptionError` with a hint."""
+        _check_names(kwargs, caller)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SEOptions":
+        """Options from their JSON form (:meth:`to_dict`); lists become tuples."""
+        if not isinstance(data, Mapping):
+            raise OptionError(f"options must be a mapping of names to values, got {type(data).__name__}")
+        _check_names(data, "SEOptions.from_dict")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: names, numbers, booleans and lists. Layer classes cannot be recorded."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, type):
+                raise OptionError(f"{f.name}={value!r} is a class; only layer names (e.g. "
+                                  f"{sorted(ACT_LAYERS if f.name == 'act_layer' else GATE_LAYERS)}) can be recorded")
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> "SEOptions":
+        """A copy with some options changed (validated like the original)."""
+        _check_names(changes, "SEOptions.replace")
+        return dataclasses.replace(self, **changes)
+
+    # -- use -----------------------------------------------------------------------------------
+    def hidden(self, channels: int) -> int:
+        """Hidden width of the SE block for ``channels`` channels."""
+        return se_hidden_channels(channels, self.reduction, self.rd_divisor)
+
+    def make_block(self, channels: int, spatial_dims: int, *, device: Any = None, dtype: Any = None) -> SEBlock:
+        """A new SE block for a site with ``channels`` channels."""
+        block = SEBlock(channels, rd_channels=self.hidden(channels), act_layer=self.act_layer,
+                        gate_layer=self.gate_layer, spatial_dims=spatial_dims, device=device, dtype=dtype)
+        return block.init_identity_() if self.identity_init else block
+
+    def selects(self, block: str) -> bool:
+        """Whether the include / exclude patterns let ``block`` get SE."""
+        if self.include is not None and not any(fnmatch.fnmatchcase(block, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(block, p) for p in self.exclude)
+
+
+def option_names() -> list[str]:
+    """The option names, in declaration order."""
+    return [f.name for f in fields(SEOptions)]
+
+
+def _check_names(kwargs: Mapping[str, Any], caller: str) -> None:
+    names = option_names()
+    for name in kwargs:
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the options are {', '.join(names)}"
+            raise OptionError(f"{caller}() got an unknown option {name!r}; {hint}")
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise OptionError(f"{name} must be a glob pattern or a list of them, got {value!r}") from None
+    if not all(isinstance(p, str) and p for p in patterns):
+        raise OptionError(f"{name} must hold non-empty strings, got {value!r}")
+    return patterns
+
+
+def _options_doc(indent: str) -> str:
+    return f"\n{indent}".join(f"{f.name} (default {f.default!r}): {f.metadata['doc']}" for f in fields(SEOptions))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes_options(func: F) -> F:
+    """Give ``func(model, *, ..., **options)`` a signature and docstring listing every option.
+
+    The options come right after the first parameter, keyword-only, with their defaults and
+    types; ``{options}`` in the docstring is replaced by their documentation.
+    """
+    signature = inspect.signature(func)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(SEOptions)
+    options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+               for f in fields(SEOptions)]
+    func.__signature__ = signature.replace(parameters=[own[0], *options, *own[1:]])  # type: ignore[attr-defined]
+    for line in (func.__doc__ or "").splitlines():
+        if "{options}" in line:
+            indent = line[: len(line) - len(line.lstrip())]
+            func.__doc__ = func.__doc__.replace("{options}", _options_doc(indent))  # type: ignore[union-attr]
+    return func

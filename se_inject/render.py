@@ -1,0 +1,121 @@
+"""Draw what se_inject found and what SE cost, with rich: the report, the dry run's plan, the
+adds that were skipped, and a summary over several models. Data comes from
+:mod:`se_inject.report` and :mod:`se_inject.plan`; nothing here computes anything."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .plan import SKIP_REASONS, SitePlan, Skip, Untraceable
+from .report import FLOPS_NOTE, Report
+
+__all__ = ["render_report", "render_plan", "render_skipped", "render_untraceable", "render_summary"]
+
+
+def _si(value: float, unit: str = "") -> str:
+    """3 significant figures with k/M/G/T, e.g. ``8.18 G``."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:g} {unit}".rstrip()
+
+
+def _pct(added: int, before: int) -> str:
+    if not before:
+        return "n/a"
+    pct = 100.0 * added / before
+    return f"+{pct:.3f}%" if abs(pct) < 0.1 else f"+{pct:.2f}%"
+
+
+def _table(title: str, columns: Sequence[tuple[str, str]]) -> Table:
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for name, justify in columns:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    return table
+
+
+def _totals(report: Report) -> Table:
+    shape = "x".join(str(s) for s in report.input_shape)
+    totals = _table(f"{report.model}  ·  input {shape}  ·  reduction {report.reduction}",
+                    [(c, "right") for c in ("", "before", "after", "added", "")])
+    totals.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}",
+                   f"{report.params_added:,}", _pct(report.params_added, report.params_before))
+    totals.add_row("", _si(report.params_before), _si(report.params_after), _si(report.params_added), "",
+                   style="dim")
+    totals.add_row("FLOPs (counter)", f"{report.flops_before:,}", f"{report.flops_after:,}",
+                   f"{report.flops_added:,}", _pct(report.flops_added, report.flops_before))
+    totals.add_row("", _si(report.flops_before), _si(report.flops_after), _si(report.flops_added), "",
+                   style="dim")
+    with_elementwise = report.flops_added + report.elementwise_flops
+    totals.add_row("FLOPs + SE elementwise", "", f"{report.flops_after + report.elementwise_flops:,}",
+                   f"{with_elementwise:,}", _pct(with_elementwise, report.flops_before))
+    return totals
+
+
+def render_report(report: Report, console: Console, *, show_skipped: bool = False) -> None:
+    """Draw ``report``: totals, one row per site, skipped adds collapsed by reason."""
+    console.print(_totals(report))
+    console.print(f"[dim]{FLOPS_NOTE}[/dim]")
+    if report.sites:
+        table = _table(f"{len(report.sites)} SE blocks", [("site", "left")] + [
+            (c, "right") for c in ("C", "hidden", "map", "params", "FLOPs", "elementwise")])
+        for s in report.sites:
+            table.add_row(s.name, f"{s.channels:,}", f"{s.hidden:,}", "x".join(map(str, s.feature_map)),
+                          f"{s.params:,}", f"{s.flops:,}", f"{s.elementwise_flops:,}")
+        table.add_section()
+        table.add_row("total", "", "", "", f"{sum(s.params for s in report.sites):,}",
+                      f"{sum(s.flops for s in report.sites):,}", f"{report.elementwise_flops:,}", style="bold")
+        console.print(table)
+    render_skipped(report.skipped, console, show_paths=show_skipped)
+    render_untraceable(report.untraceable, console)
+
+
+def render_plan(name: str, plan: SitePlan, console: Console) -> None:
+    """Draw a dry run: every site with its shortcut, then every skipped add with its reason."""
+    table = _table(f"{name}: {len(plan.sites)} SE sites", [("site", "left"), ("C", "right"),
+                                                            ("hidden", "right"), ("map", "right"),
+                                                            ("shortcut", "left")])
+    for s in plan.sites:
+        table.add_row(s.name, str(s.channels), str(s.hidden), "x".join(map(str, s.shape[2:])), s.shortcut)
+    console.print(table)
+    render_skipped(plan.skipped, console, show_paths=True)
+    render_untraceable(plan.untraceable, console)
+
+
+def render_skipped(skipped: Sequence[Skip], console: Console, *, show_paths: bool = False) -> None:
+    """Skipped adds, one line per reason (with every add's name when ``show_paths``)."""
+    if not skipped:
+        return
+    groups: dict[str, list[Skip]] = {}
+    for s in skipped:
+        groups.setdefault(s.reason, []).append(s)
+    table = _table(f"{len(skipped)} adds skipped", [("adds", "right"), ("reason", "left"),
+                                                    ("where" if show_paths else "e.g.", "left")])
+    for reason, items in groups.items():
+        where = ("\n".join(f"{escape(i.name)}  [dim]{escape(i.detail)}[/dim]" for i in items) if show_paths
+                 else escape(items[0].name))
+        table.add_row(str(len(items)), f"[bold]{reason}[/bold]: {SKIP_REASONS.get(reason, '')}", where)
+    console.print(table)
+
+
+def render_untraceable(untraceable: Sequence[Untraceable], console: Console) -> None:
+    """Modules fx could not trace whole, with why (their submodules were analysed instead)."""
+    for u in untraceable:
+        console.print(f"[yellow]not traceable as a whole[/yellow] {escape(u.path or '<root>')}: "
+                      f"{escape(u.error)} (its submodules were analysed)")
+
+
+def render_summary(reports: Sequence[Report], console: Console) -> None:
+    """One table for several models: sites, +params %, +FLOPs %."""
+    table = _table("summary", [("model", "left")] + [(c, "right") for c in (
+        "sites", "skipped", "params", "+params", "FLOPs", "+FLOPs", "+FLOPs incl. elementwise")])
+    for r in reports:
+        table.add_row(r.model, str(len(r.sites)), str(len(r.skipped)), _si(r.params_after),
+                      _pct(r.params_added, r.params_before), _si(r.flops_after),
+                      _pct(r.flops_added, r.flops_before),
+                      _pct(r.flops_added + r.elementwise_flops, r.flops_before))
+    console.print(table)

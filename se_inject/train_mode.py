@@ -1,0 +1,88 @@
+"""Does a block trace differently in train mode than in eval mode?
+
+A GraphModule runs one graph, so a block whose Python code branches on ``self.training`` would
+lose its train-mode behaviour once rewritten. Leaves run their own forward at run time and need
+no check; only modules whose code runs inline in the traced graph do, and only those whose
+source mentions ``training`` are traced again in train mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Optional
+
+from torch import fx
+
+from .scopes import Scope
+from .tracer import trace
+from .utils import kept_training_flags
+
+__all__ = ["TrainModeCheck"]
+
+Calls = dict[Optional[str], list[tuple[str, Any]]]
+
+
+def _calls_by_key(graph: fx.Graph) -> Calls:
+    """The (op, target) of every call, for the whole graph (key None) and per module call key."""
+    calls: Calls = {None: []}
+    for node in graph.nodes:
+        if node.op in ("call_module", "call_function", "call_method"):
+            entry = (node.op, node.target)
+            calls[None].append(entry)
+            for key in node.meta.get("nn_module_stack", {}):
+                calls.setdefault(key, []).append(entry)
+    return calls
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether the source of ``cls`` mentions ``training`` (True when the source is unknown)."""
+    try:
+        return "training" in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True
+
+
+def _may_differ(scope: Scope, key: Optional[str]) -> bool:
+    """Whether any module whose code runs inline in the block (not leaves) reads ``training``."""
+    for node in scope.gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack", {})
+        if key is not None and key not in stack:
+            continue
+        entries = list(stack.items())
+        if node.op == "call_module" and entries:
+            entries = entries[:-1]  # the leaf itself
+        if key is not None:
+            entries = entries[[k for k, _ in entries].index(key):]
+        if any(_reads_training(cls) for _, (_, cls) in entries if isinstance(cls, type)):
+            return True
+    return key is None and _reads_training(type(scope.module))
+
+
+def _train_mode_calls(scope: Scope) -> Optional[Calls]:
+    """The calls of ``scope`` traced in train mode (None if it cannot be traced in train mode)."""
+    with kept_training_flags(scope.module):
+        scope.module.train()
+        try:
+            return _calls_by_key(trace(scope.module).graph)
+        except Exception:
+            return None
+
+
+class TrainModeCheck:
+    """Answers "does this block trace differently in train mode?", tracing each scope in train
+    mode at most once, and only when a block's inline code reads ``training``."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, tuple[Calls, Optional[Calls]]] = {}
+
+    def differs(self, scope: Scope, key: Optional[str]) -> bool:
+        """Whether the block of ``scope`` under module call ``key`` (None: the scope root)
+        calls other things in train mode than in eval mode."""
+        if not _may_differ(scope, key):
+            return False
+        if id(scope) not in self._calls:
+            self._calls[id(scope)] = (_calls_by_key(scope.gm.graph), _train_mode_calls(scope))
+        evaluated, trained = self._calls[id(scope)]
+        return trained is None or trained.get(key) != evaluated.get(key)

@@ -1,0 +1,131 @@
+"""Small helpers every layer of se_inject shares: module paths, error text, pytree clones,
+training flags, warnings that point at the caller, and name mismatches."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.metadata
+import sys
+import warnings
+from typing import Any, Iterable, Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+__all__ = [
+    "join_path", "relative_path", "first_line", "describe_error", "clone_tensors", "kept_training_flags",
+    "eval_mode", "gc_paused", "warn", "version", "describe_mismatch",
+]
+
+
+def join_path(*parts: str) -> str:
+    """Join module path parts, skipping empty ones (the root's path is ``""``).
+
+    >>> join_path("", "layer1", "0")
+    'layer1.0'
+    """
+    return ".".join(p for p in parts if p)
+
+
+def relative_path(path: str, prefix: str) -> str:
+    """``path`` relative to the module at ``prefix`` (``""`` is the root).
+
+    >>> relative_path("layer1.0.conv1", "layer1.0"), relative_path("fc", "")
+    ('conv1', 'fc')
+    """
+    return path[len(prefix) + 1:] if prefix else path
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message ('' when it has none)."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def describe_error(error: BaseException) -> str:
+    """``"TypeName: first line of the message"``, for one-line error reports."""
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+def clone_tensors(tree: Any) -> Any:
+    """A copy of a pytree (tuples, lists, dicts) whose tensors are cloned, other leaves shared."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+@contextlib.contextmanager
+def kept_training_flags(model: nn.Module) -> Iterator[dict[int, bool]]:
+    """Give every module under ``model`` its own training flag back on exit.
+
+    Yields the saved flags, by ``id`` of the module.
+    """
+    flags = {id(m): m.training for m in model.modules()}
+    try:
+        yield flags
+    finally:
+        for m in model.modules():
+            m.training = flags.get(id(m), m.training)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[dict[int, bool]]:
+    """Put ``model`` in eval mode, then give every module back its own training flag."""
+    with kept_training_flags(model) as flags:
+        model.eval()
+        yield flags
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: tracing makes many short-lived node cycles, and a
+    full collection over a large model's objects stalls for a good fraction of a second."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _internal(frame: Any) -> bool:
+    name = frame.f_globals.get("__name__", "")
+    return name == "se_inject" or name.startswith("se_inject.")
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the first frame outside se_inject: the user's own line,
+    whichever public function they called."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and _internal(frame):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def version() -> str:
+    """The installed version of se_inject (``"0+unknown"`` when run from a source tree)."""
+    try:
+        return importlib.metadata.version("se-inject")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _names(items: list[str], limit: int) -> str:
+    return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
+
+
+def describe_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *,
+                      aliases: Iterable[str] = (), limit: int = 5) -> Optional[str]:
+    """None if ``given`` has exactly the names and shapes of ``expected``, else what differs.
+
+    ``aliases`` are expected names that may be absent (tied tensors stored once). At most
+    ``limit`` names are shown per kind of difference.
+    """
+    missing = sorted(set(expected) - set(given) - set(aliases))
+    extra = sorted(set(given) - set(expected))
+    wrong = [f"{k}: {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in given if k in expected and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{label} {_names(items, limit)}" for label, items in
+             (("missing tensors", missing), ("unexpected tensors", extra), ("tensors of the wrong shape", wrong))
+             if items]
+    return "; ".join(parts) or None
