@@ -15,6 +15,8 @@ from torch import nn
 import se_inject
 from se_inject.cli import build_parser, main
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(sys.executable).with_name("se-inject")
 SMALL = ["--input-size", "3", "64", "64"]
 

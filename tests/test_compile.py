@@ -6,6 +6,8 @@ import torchvision
 
 import se_inject
 
+pytestmark = pytest.mark.slow
+
 MODELS = {
     "resnet18": torchvision.models.resnet18,
     "mobilenet_v2": torchvision.models.mobilenet_v2,

@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 
 import se_inject
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune.py"
 TIMEOUT_S = 300  # one run takes about 10-20 s on 2 idle cores; the bound only stops a hang

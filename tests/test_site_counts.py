@@ -10,6 +10,8 @@ import torchvision
 import se_inject
 from tests.helpers import assert_shortcuts_untouched, count_params
 
+pytestmark = pytest.mark.slow
+
 CASES = [
     # (id, factory, example input or None for the default, expected sites)
     ("tv-resnet18", lambda: torchvision.models.resnet18(), None, 8),

@@ -7,6 +7,8 @@ import torch
 import se_inject
 from tests.helpers import count_params
 
+pytestmark = pytest.mark.slow
+
 PAIRS = [
     ("resnet18", "seresnet18", 11_779_624),
     ("resnet34", "seresnet34", 21_960_416),
