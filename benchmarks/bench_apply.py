@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,13 +30,15 @@ from typing import Optional
 import timm
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import fx
 
 import se_inject
 from se_inject.tracer import trace
 
-RESULTS = Path(__file__).resolve().parent / "results"
+try:
+    from .common import RESULTS, table, write_results
+except ImportError:  # run as a script: python benchmarks/bench_apply.py
+    from common import RESULTS, table, write_results  # type: ignore[no-redef]
 DEFAULT = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "convnext_tiny", "hrnet_w18_small"]
 SAMPLE = ["efficientnet_b0", "mobilenetv3_small_100", "regnetx_002", "res2net50_26w_4s", "nf_resnet50",
           "dla34", "ghostnet_100", "resnetv2_50", "mambaout_femto", "vit_tiny_patch16_224"]
@@ -96,28 +96,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     names = args.models + (SAMPLE if args.sample else [])
     rows = [measure(n, args.rounds, console) for n in names]
 
-    table = Table(title=f"apply vs trace+forward · CPU {torch.get_num_threads()} threads · torch {torch.__version__}",
-                  title_justify="left")
     cols = ("model", "params", "input", "trace+fwd s", "apply s", "apply/trace+fwd", "apply inplace s", "inplace ratio")
-    for c in cols:
-        table.add_column(c, justify="left" if c == "model" else "right")
-    md = ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
-    for r in rows:
-        cells = (r["model"] + ("" if r["plain_fx"] else " *"), f"{r['params'] / 1e6:.1f}M",
-                 "x".join(map(str, r["input"][1:])), f"{r['trace+fwd_s']:.3f}", f"{r['apply_s']:.3f}",
-                 f"{r['ratio']:.2f}x", f"{r['apply inplace_s']:.3f}", f"{r['ratio_inplace']:.2f}x")
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    console.print(table)
+    cells = [(r["model"] + ("" if r["plain_fx"] else " *"), f"{r['params'] / 1e6:.1f}M",
+              "x".join(map(str, r["input"][1:])), f"{r['trace+fwd_s']:.3f}", f"{r['apply_s']:.3f}",
+              f"{r['ratio']:.2f}x", f"{r['apply inplace_s']:.3f}", f"{r['ratio_inplace']:.2f}x") for r in rows]
+    md = table(console, f"apply vs trace+forward · CPU {torch.get_num_threads()} threads · torch {torch.__version__}",
+               cols, cells)
     note = ("Medians over rounds, interleaved. `*`: plain torch.fx.symbolic_trace fails on the model; the "
             "baseline uses se_inject's tracer (timm's leaves).")
     console.print(note)
-    args.out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python benchmarks/bench_apply.py", *(sys.argv[1:] if argv is None else argv)])
-    (args.out / "apply.md").write_text("\n".join(md) + f"\n\n{note}\n\nCommand: `{command}`\n")
-    (args.out / "apply.json").write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__,
-                                                     "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
-    console.print(f"wrote {args.out / 'apply.md'} and .json")
+    path = write_results("apply", {"threads": torch.get_num_threads(), "rows": rows}, md + f"\n{note}\n",
+                         script="bench_apply.py", argv=argv, out=args.out)
+    console.print(f"wrote {path} and .json")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ Results go to ``benchmarks/results/<name>-<device>.json`` and ``.md`` (``--name`
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,9 +32,13 @@ from typing import Any, Callable, Optional
 import timm
 import torch
 from rich.console import Console
-from rich.table import Table
 
 import se_inject
+
+try:
+    from .common import RESULTS, table, write_results
+except ImportError:  # run as a script: python benchmarks/bench_models.py
+    from common import RESULTS, table, write_results  # type: ignore[no-redef]
 
 NATIVE_SE = {
     "resnet18": "seresnet18",
@@ -48,7 +50,6 @@ NATIVE_SE = {
     "resnext101_32x8d": "seresnext101_32x8d",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def device_name(device: torch.device) -> str:
@@ -188,36 +189,28 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _pct(value: float, iqr: list[float]) -> str:
+    return f"{100 * value:+.1f}% ({100 * iqr[0]:+.1f}…{100 * iqr[1]:+.1f})"
+
+
 def render(rows: list[dict], summary: list[dict], console: Console, title: str) -> str:
     """Print the tables and return them as markdown."""
-    table = Table(title=title, title_justify="left")
-    for col in ("model", "mode", "", "variant", "median ms", "IQR ms"):
-        table.add_column(col, justify="left" if col in ("model", "mode", "", "variant") else "right")
-    md = [f"### {title}", "", "| model | mode | | variant | median ms | IQR ms |", "|---|---|---|---|---:|---:|"]
-    for r in rows:
-        cells = (r["model"], r["mode"], "compiled" if r["compiled"] else "eager", r["variant"],
-                 f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}–{r['q3_ms']:.2f}")
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    ratio_table = Table(title="ratios: median (IQR) over rounds of per-round paired ratios", title_justify="left")
-    for col in ("model", "mode", "", "se_inject overhead", "timm SE overhead", "se_inject vs timm SE"):
-        ratio_table.add_column(col, justify="left" if col in ("model", "mode", "") else "right")
-    md += ["", "| model | mode | | se_inject overhead | timm SE overhead | se_inject vs timm SE (×, >1 = faster) |",
-           "|---|---|---|---:|---:|---:|"]
-    def pct(value: float, iqr: list[float]) -> str:
-        return f"{100 * value:+.1f}% ({100 * iqr[0]:+.1f}…{100 * iqr[1]:+.1f})"
-
+    times = [(r["model"], r["mode"], "compiled" if r["compiled"] else "eager", r["variant"],
+              f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}–{r['q3_ms']:.2f}") for r in rows]
+    md = table(console, title, ("model", "mode", "", "variant", "median ms", "IQR ms"), times,
+               align="llllrr", heading=f"### {title}")
+    ratios_rows = []
     for s in summary:
-        cells = (s["model"], s["mode"], "compiled" if s["compiled"] else "eager",
-                 pct(s["se_inject_overhead"], s["se_inject_overhead_iqr"]),
-                 pct(s["timm_se_overhead"], s["timm_se_overhead_iqr"]) if "timm_se_overhead" in s else "–",
-                 f"{s['se_inject_vs_timm']:.3f} ({s['se_inject_vs_timm_iqr'][0]:.3f}…{s['se_inject_vs_timm_iqr'][1]:.3f})"
-                 if "se_inject_vs_timm" in s else "–")
-        ratio_table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    console.print(ratio_table)
-    return "\n".join(md) + "\n"
+        ratios_rows.append((
+            s["model"], s["mode"], "compiled" if s["compiled"] else "eager",
+            _pct(s["se_inject_overhead"], s["se_inject_overhead_iqr"]),
+            _pct(s["timm_se_overhead"], s["timm_se_overhead_iqr"]) if "timm_se_overhead" in s else "–",
+            f"{s['se_inject_vs_timm']:.3f} ({s['se_inject_vs_timm_iqr'][0]:.3f}…{s['se_inject_vs_timm_iqr'][1]:.3f})"
+            if "se_inject_vs_timm" in s else "–"))
+    md += "\n" + table(console, "ratios: median (IQR) over rounds of per-round paired ratios",
+                       ("model", "mode", "", "se_inject overhead", "timm SE overhead",
+                        "se_inject vs timm SE (×, >1 = faster)"), ratios_rows, align="lllrrr")
+    return md
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -256,15 +249,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows += bench_model(model, args, device, console)
     summary = ratios(rows)
     markdown = render(rows, summary, console, title)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.name}-{slug(device.type + '-' + name)}"
     config = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"device": name, "torch": torch.__version__, "timm": timm.__version__,
-         "se_inject": se_inject.__version__, "config": config, "rows": rows, "ratios": summary}, indent=2) + "\n")
-    command = " ".join(["python benchmarks/bench_models.py", *(sys.argv[1:] if argv is None else argv)])
-    (args.out / f"{stem}.md").write_text(markdown + f"\nCommand: `{command}`\n")
-    console.print(f"wrote {args.out / stem}.json and .md")
+    path = write_results(stem, {"device": name, "config": config, "rows": rows, "ratios": summary}, markdown,
+                         script="bench_models.py", argv=argv, out=args.out)
+    console.print(f"wrote {path} and .json")
 
 
 if __name__ == "__main__":

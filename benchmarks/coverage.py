@@ -22,7 +22,6 @@ Results: ``benchmarks/results/coverage.md`` and ``coverage.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 import traceback
@@ -36,11 +35,13 @@ import torch
 import torchvision
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 import se_inject
 
-RESULTS = Path(__file__).resolve().parent / "results"
+try:
+    from .common import RESULTS, table, write_results
+except ImportError:  # run as a script: python benchmarks/coverage.py
+    from common import RESULTS, table, write_results  # type: ignore[no-redef]
 
 # A small, representative model for families where the name heuristic would pick a huge or odd one.
 DEFAULT_MODEL = {
@@ -261,27 +262,22 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
 
 
 def render(outcomes: list[Outcome], summary: dict[str, Any], console: Console) -> str:
-    table = Table(title="se_inject coverage", title_justify="left")
     cols = ("family", "model", "status", "traced", "sites", "skipped by reason", "verified", "compiled", "s")
-    for c in cols:
-        table.add_column(c, justify="right" if c in ("sites", "s") else "left")
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = []
     for o in outcomes:
         skipped = ", ".join(f"{r} {n}" for r, n in sorted(o.skipped.items())) or "–"
         verified = "–" if o.max_rel_diff is None else ("yes" if o.status == "handled" else "NO")
         compiled = "–" if o.compiled is None else ("yes" if o.compiled else "no")
-        cells = (o.family, o.model, o.status, o.traced, str(o.sites), skipped, verified, compiled, f"{o.seconds:.1f}")
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    console.print(table)
+        rows.append((o.family, o.model, o.status, o.traced, str(o.sites), skipped, verified, compiled, f"{o.seconds:.1f}"))
+    md = [table(console, "se_inject coverage", cols, rows, align="llllrlllr")]
     problems = [o for o in outcomes if o.status in ("bug", "refused", "fx-limit", "input") or o.refused]
     if problems:
         md += ["", "Messages:", ""] + [f"- **{o.model}** ({o.status}): {o.message}" for o in problems]
-    md = [f"Handled with verified equivalence: **{summary['handled']} / {summary['with_conv_residual_blocks']}** "
-          f"models with conv-layout residual blocks; silently wrong: **{summary['silently_wrong']}**; "
-          f"by status: {summary['by_status']}.", ""] + md
-    console.print(md[0])
-    return "\n".join(md) + "\n"
+    headline = (f"Handled with verified equivalence: **{summary['handled']} / {summary['with_conv_residual_blocks']}** "
+                f"models with conv-layout residual blocks; silently wrong: **{summary['silently_wrong']}**; "
+                f"by status: {summary['by_status']}.")
+    console.print(headline)
+    return "\n".join([headline, "", *md]) + "\n"
 
 
 def sweep(families: Optional[list[str]] = None, *, size: int = 64, include_torchvision: bool = False,
@@ -320,14 +316,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                      compile_model=args.compile)
     summary = summarize(outcomes)
     markdown = render(outcomes, summary, console)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "coverage" if families is None else "coverage-subset"
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
-         "se_inject": se_inject.__version__, "summary": summary, "outcomes": [asdict(o) for o in outcomes]},
-        indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(f"# Coverage ({timm.__version__=}, {torch.__version__=})\n\n" + markdown)
-    console.print(f"wrote {args.out / stem}.md and .json")
+    path = write_results(stem, {"summary": summary, "outcomes": [asdict(o) for o in outcomes]}, markdown,
+                         script="coverage.py", argv=argv, out=args.out,
+                         title=f"Coverage (timm {timm.__version__}, torch {torch.__version__})")
+    console.print(f"wrote {path} and .json")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,56 @@ from typing import Optional
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from timm.layers import SEModule
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from se_inject import SEBlock
 
+try:
+    from .common import table
+except ImportError:  # run as a script: python benchmarks/profile_se.py
+    from common import table  # type: ignore[no-redef]
+
 STAGES = [(256, 4), (512, 8), (1024, 16), (2048, 32)]  # (channels, stride) of ResNet-50's stages
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def time_blocks(blocks: dict[str, nn.Module], x: torch.Tensor, iters: int, rounds: int) -> dict[str, float]:
+    """Median µs per call of each block, interleaved over rounds (order alternating)."""
+    for block in blocks.values():
+        for _ in range(10):
+            block(x)
+    times: dict[str, list[float]] = {k: [] for k in blocks}
+    for r in range(rounds):
+        for name in (list(blocks) if r % 2 == 0 else list(blocks)[::-1]):
+            _sync(x.device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                blocks[name](x)
+            _sync(x.device)
+            times[name].append((time.perf_counter() - start) / iters * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@torch.no_grad()
+def profile_ops(block: nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
+    """Self time per aten op, µs per call of the block."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            block(x)
+    out = {}
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            self_us = event.self_device_time_total if x.device.type == "cuda" else event.self_cpu_time_total
+            out[event.key] = self_us / iters
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -39,16 +82,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    console = Console()
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
-
-    totals = Table(title=f"SE block time per call (µs), {device.type}, batch {args.batch_size}", title_justify="left")
-    for col in ("stage", "shape", "timm SEModule", "se_inject SEBlock", "timm / se_inject"):
-        totals.add_column(col, justify="right")
-    ops = Table(title="aten ops, self time summed over all stages (µs per call)", title_justify="left")
-    for col in ("op", "timm SEModule", "se_inject SEBlock"):
-        ops.add_column(col, justify="right" if col != "op" else "left")
-    op_times: dict[str, dict[str, float]] = {}
+    totals, op_times = [], {}
     for stage, (channels, stride) in enumerate(STAGES, 1):
         side = args.img_size // stride
         x = torch.randn(args.batch_size, channels, side, side, device=device).contiguous(memory_format=memory)
@@ -56,40 +91,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         ours = SEBlock(channels).to(device).eval()
         ours.load_state_dict(timm_se.state_dict())
         blocks = {"timm SEModule": timm_se, "se_inject SEBlock": ours}
-        medians = {}
-        with torch.no_grad():
-            for block in blocks.values():
-                for _ in range(10):
-                    block(x)
-            times: dict[str, list[float]] = {k: [] for k in blocks}
-            for r in range(args.rounds):
-                for name in (list(blocks) if r % 2 == 0 else list(blocks)[::-1]):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(args.iters):
-                        blocks[name](x)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times[name].append((time.perf_counter() - start) / args.iters * 1e6)
-            medians = {k: statistics.median(v) for k, v in times.items()}
-            for name, block in blocks.items():
-                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-                with profile(activities=activities) as prof:
-                    for _ in range(args.iters):
-                        block(x)
-                for event in prof.key_averages():
-                    if event.key.startswith("aten::"):
-                        self_us = (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total)
-                        op_times.setdefault(event.key, {}).setdefault(name, 0.0)
-                        op_times[event.key][name] += self_us / args.iters
-        totals.add_row(str(stage), f"{channels}x{side}x{side}", f"{medians['timm SEModule']:.1f}",
-                       f"{medians['se_inject SEBlock']:.1f}",
-                       f"{medians['timm SEModule'] / medians['se_inject SEBlock']:.2f}x")
-    for op, by_block in sorted(op_times.items(), key=lambda kv: -max(kv[1].values())):
-        ops.add_row(op, f"{by_block.get('timm SEModule', 0.0):.1f}", f"{by_block.get('se_inject SEBlock', 0.0):.1f}")
-    console.print(totals)
-    console.print(ops)
+        medians = time_blocks(blocks, x, args.iters, args.rounds)
+        for name, block in blocks.items():
+            for op, us in profile_ops(block, x, args.iters).items():
+                op_times.setdefault(op, {}).setdefault(name, 0.0)
+                op_times[op][name] += us
+        theirs, mine = medians["timm SEModule"], medians["se_inject SEBlock"]
+        totals.append((str(stage), f"{channels}x{side}x{side}", f"{theirs:.1f}", f"{mine:.1f}", f"{theirs / mine:.2f}x"))
+    console = Console()
+    table(console, f"SE block time per call (µs), {device.type}, batch {args.batch_size}",
+          ("stage", "shape", "timm SEModule", "se_inject SEBlock", "timm / se_inject"), totals)
+    ops = [(op, f"{by.get('timm SEModule', 0.0):.1f}", f"{by.get('se_inject SEBlock', 0.0):.1f}")
+           for op, by in sorted(op_times.items(), key=lambda kv: -max(kv[1].values()))]
+    table(console, "aten ops, self time summed over all stages (µs per call)",
+          ("op", "timm SEModule", "se_inject SEBlock"), ops)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,15 @@
 """The coverage sweep's CI subset: ~15 timm families of every kind, each verified end to end."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import coverage as coverage_module
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def coverage():
-    spec = importlib.util.spec_from_file_location("se_inject_coverage", ROOT / "benchmarks" / "coverage.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return coverage_module
 
 
 @pytest.fixture(scope="module")
