@@ -170,8 +170,9 @@ def _sm_count(index: int) -> int:
 
 
 def target_programs(device: torch.device) -> int:
-    """Programs that fill the device: 4 per SM on a GPU, 8 under the interpreter."""
-    if device.type == "cuda":
+    """Programs that fill the device: 4 per SM on a GPU; 8 under the interpreter, or when CUDA
+    tensors are only fake (tracing on a machine without a GPU)."""
+    if device.type == "cuda" and torch.cuda.is_available():
         return 4 * _sm_count(device.index if device.index is not None else 0)
     return 8
 
