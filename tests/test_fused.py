@@ -88,7 +88,8 @@ def make_inputs(case: Case, seed: int = 0, hidden: int = 3) -> dict:
         sc = _layout(torch.randn(case.shape), sc_layout).to(case.sc_dtype)
     return {
         "x": x, "shortcut": sc,
-        "fc1_weight": torch.randn(hidden, C, *ones) * 0.5, "fc1_bias": torch.randn(hidden),
+        # a positive fc1 bias keeps the hidden units alive, so the squeeze gradient is not 0
+        "fc1_weight": torch.randn(hidden, C, *ones) * 0.5, "fc1_bias": torch.rand(hidden) + 0.5,
         "fc2_weight": torch.randn(C, hidden, *ones) * 0.5, "fc2_bias": torch.randn(C),
         "gain": torch.tensor(case.gain) if case.gain is not None else None,
     }
