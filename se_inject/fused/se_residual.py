@@ -81,7 +81,8 @@ se_residual_op.register_autograd(_backward, setup_context=_setup)
 def _check_shapes(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
                   fc2_weight: Tensor, fc2_bias: Tensor, gain: Optional[Tensor]) -> None:
     if x.dim() not in (3, 4, 5):
-        raise ValueError(f"x must be (N, C, *spatial) with 1 to 3 spatial dims, got {tuple(x.shape)}")
+        raise ValueError(f"x must be (N, C, *spatial) with 1 to 3 spatial dims, "
+                         f"got shape {tuple(x.shape)}")
     C, hidden = x.shape[1], fc1_weight.shape[0]
     ones = (1,) * (fc1_weight.dim() - 2)
     expected = {
@@ -119,7 +120,8 @@ def se_residual(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_b
         ValueError: a name is unknown or a shape does not fit; the message names the argument.
 
     >>> x = torch.randn(2, 8, 5, 5)
-    >>> w1, b1, w2, b2 = torch.randn(4, 8, 1, 1), torch.randn(4), torch.randn(8, 4, 1, 1), torch.randn(8)
+    >>> w1, b1 = torch.randn(4, 8, 1, 1), torch.randn(4)
+    >>> w2, b2 = torch.randn(8, 4, 1, 1), torch.randn(8)
     >>> out = se_residual(x, x, w1, b1, w2, b2, out_act="relu")
     >>> torch.allclose(out, se_residual_reference(x, x, w1, b1, w2, b2, out_act="relu"), atol=1e-6)
     True
