@@ -161,7 +161,7 @@ def _interpret_launchers() -> dict:
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
-    """Runs ``code`` in a fresh interpreter at the repository root, TRITON_INTERPRET only if given."""
+    """Runs ``code`` in a fresh interpreter at the repo root; TRITON_INTERPRET only if given."""
     full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     full["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**full, **env},
@@ -483,7 +483,8 @@ def test_export_keeps_the_op_with_fake_shapes_dtypes_and_strides(tiny):
 def test_without_triton_the_package_imports_and_runs_on_torch_ops():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, se_inject.fused as f\n"
-            "x = torch.randn(2, 4, 3, 3); w1, w2 = torch.randn(2, 4, 1, 1), torch.randn(4, 2, 1, 1)\n"
+            "x, w1 = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 1, 1)\n"
+            "w2 = torch.randn(4, 2, 1, 1)\n"
             "assert not f.HAS_TRITON and not f.supports(x, x, 'relu', 'sigmoid', 'relu')\n"
             "args = (x, x, w1, torch.zeros(2), w2, torch.zeros(4))\n"
             "torch.testing.assert_close(f.se_residual(*args), f.se_residual_reference(*args))\n")

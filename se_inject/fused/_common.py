@@ -201,7 +201,8 @@ def _is_real(t: torch.Tensor) -> bool:
 
 def _fits_int32(t: torch.Tensor) -> bool:
     # Kernels offset by n in int64 and within one sample in int32.
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    return extent < 2**31
 
 
 def tensors_supported(x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> bool:

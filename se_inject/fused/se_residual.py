@@ -24,14 +24,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._common import check_out_act, register_op, tensors_supported
+from ._common import OUT_ACTS, check_out_act, register_op, tensors_supported
 from .backward import gate_grad, input_grad
 from .mlp import ACTS, GATES, check_names, mlp_backward, mlp_forward
 from .scale import scale
 from .squeeze import squeeze
 
 __all__ = ["se_residual", "se_residual_op", "se_residual_reference", "supports"]
-
 
 
 @register_op("se_inject::se_residual")
@@ -141,7 +140,7 @@ def supports(x: Tensor, shortcut: Optional[Tensor], act: str, gate: str, out_act
     with 3 to 5 dims in fp32/bf16/fp16; the shortcut likewise; supported names. When it is false,
     :func:`se_residual` still works (in torch ops) as long as the names are valid.
     """
-    if act not in ACTS or gate not in GATES or out_act not in _OUT_ACT_FNS:
+    if act not in ACTS or gate not in GATES or out_act not in OUT_ACTS:
         return False
     return tensors_supported(x, shortcut)
 
