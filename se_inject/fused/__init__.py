@@ -1,0 +1,25 @@
+"""Fused GPU kernels for Squeeze-and-Excitation, in Triton, as ``torch.library`` operators.
+
+Paper: `Squeeze-and-Excitation Networks`, Hu et al., CVPR 2018 - https://arxiv.org/abs/1709.01507
+
+On a GPU, SE is memory-bound: every op it adds reads or writes a whole feature map. The fused
+path reads x once for the squeeze and once more for ``out_act(x * g + shortcut)``, which replaces
+the separate scale, residual add and activation (``/work/shared/gpu-notes.md`` has the H100
+measurements this follows).
+
+* :func:`se_residual`: the fused op ``se_inject::se_residual`` (Triton on CUDA, torch ops elsewhere;
+  one ``torch.ops.se_inject.se_residual`` node under torch.compile and torch.export).
+* :func:`se_residual_reference`: the same maths in plain torch ops; the CPU path and test oracle.
+* :func:`supports`: whether :func:`se_residual` would run its Triton kernels.
+
+Files, one fused op each: ``squeeze.py`` (``se_inject::squeeze_mean``), ``scale.py``
+(``se_inject::scale_residual_act``), ``backward.py`` (its two backward passes), ``se_residual.py``
+(the whole tail), ``mlp.py`` (the excitation MLP and its written-out backward), ``_common.py``.
+"""
+
+from ._common import HAS_TRITON, INTERPRETED, OUT_ACTS
+from .mlp import ACTS, GATES
+from .se_residual import se_residual, se_residual_reference, supports
+
+__all__ = ["se_residual", "se_residual_reference", "supports", "ACTS", "GATES", "OUT_ACTS",
+           "HAS_TRITON", "INTERPRETED"]

@@ -1,0 +1,201 @@
+"""Backward of the fused SE scale: two passes over the big tensors, as few as the maths allows.
+
+Paper: `Squeeze-and-Excitation Networks`, Hu et al., CVPR 2018 - https://arxiv.org/abs/1709.01507
+
+With ``z = x * g[n, c] + shortcut`` and ``out = out_act(z)``, and ``dz = dout * out_act'(z)``:
+
+* K1, a reduction: ``dg[n, c] = sum_s dz * x`` in fp32. For ``relu`` the mask comes from the
+  saved ``out`` (``out > 0``, as aten's ``threshold_backward``); for ``silu`` z is recomputed from
+  x, g and the shortcut (saving z would cost a full write in the forward). When ``out_act`` is
+  not ``"none"``, K1 also stores dz (in the output's dtype, x's layout): it is the shortcut's
+  gradient, and K2 then reads one tensor instead of recomputing dz from two or three. For
+  ``"none"``, dz is ``dout`` itself and nothing is stored.
+* K2, elementwise: ``dx = dz * g[n, c] + ds[n, c] / S``, where ``ds`` is the gradient of the
+  squeeze means (from the MLP backward, in torch); without ``ds`` it is the plain ``dz * g``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import wrap_triton
+
+from ._common import (
+    INTERPRETED, POINTWISE_ELEMS, REDUCE_ELEMS, cdiv, check_out_act, empty_ncs, ncs, num_splits,
+    pick_tile, register_op, target_programs, tensors_supported, tile_ids, tl, triton,
+)
+
+__all__ = ["gate_grad", "gate_grad_launch", "gate_grad_reference", "input_grad",
+           "input_grad_launch", "input_grad_reference"]
+
+
+@triton.jit
+def _gate_grad_kernel(dout_ptr, x_ptr, sc_ptr, out_ptr, g_ptr, dz_ptr, dg_ptr,
+                      N, C, S, s_per_split, n_cblocks, splits,
+                      sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs, son, soc, sos, szn, szc, szs,
+                      HAS_SC: tl.constexpr, OUT_ACT: tl.constexpr, STORE_DZ: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """K1: dg[split, n, c] = sum of dz * x over split's positions; optionally stores dz."""
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    rest = pid // n_cblocks
+    split = rest % splits
+    n = rest // splits
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    n64 = n.to(tl.int64)
+    gate = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    s_lo = split * s_per_split
+    s_hi = tl.minimum(s_lo + s_per_split, S)
+    acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        offs_s = (s0 + tl.arange(0, BLOCK_S))[:, None]
+        mask = (offs_s < s_hi) & mask_c[None, :]
+        cols = offs_c[None, :]
+        dz = tl.load(dout_ptr + n64 * sdn + offs_s * sds + cols * sdc, mask=mask, other=0.0)
+        dz = dz.to(tl.float32)
+        x = tl.load(x_ptr + n64 * sxn + offs_s * sxs + cols * sxc, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if OUT_ACT == 1:
+            out = tl.load(out_ptr + n64 * son + offs_s * sos + cols * soc, mask=mask, other=0.0)
+            dz = tl.where(out.to(tl.float32) > 0.0, dz, 0.0)
+        elif OUT_ACT == 2:
+            z = x * gate[None, :]
+            if HAS_SC:
+                sc = tl.load(sc_ptr + n64 * srn + offs_s * srs + cols * src, mask=mask, other=0.0)
+                z += sc.to(tl.float32)
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        if STORE_DZ:
+            dz_ptrs = dz_ptr + n64 * szn + offs_s * szs + cols * szc
+            tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        acc += dz * x
+    tl.store(dg_ptr + (split * N + n) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _input_grad_kernel(dz_ptr, g_ptr, ds_ptr, dx_ptr, C, S, n_cblocks, n_sblocks, inv_s,
+                       szn, szc, szs, sxn, sxc, sxs, HAS_DS: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, C_FAST: tl.constexpr):
+    """K2: dx = dz * g[n, c] + ds[n, c] * inv_s on one (BLOCK_S, BLOCK_C) tile."""
+    n, cb, sb = tile_ids(tl.program_id(0), n_cblocks, n_sblocks, C_FAST)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_s = (sb * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]
+    mask_c = offs_c < C
+    mask = (offs_s < S) & mask_c[None, :]
+    n64 = n.to(tl.int64)
+    gate = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    dz = tl.load(dz_ptr + n64 * szn + offs_s * szs + offs_c[None, :] * szc, mask=mask)
+    dx = dz.to(tl.float32) * gate[None, :]
+    if HAS_DS:
+        ds = tl.load(ds_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+        dx += (ds * inv_s)[None, :]
+    dx_ptrs = dx_ptr + n64 * sxn + offs_s * sxs + offs_c[None, :] * sxc
+    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def gate_grad_launch(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], out: Optional[Tensor],
+                     g: Tensor, out_act: str, *, splits: Optional[int] = None
+                     ) -> tuple[Tensor, Tensor]:
+    """K1 by Triton: ``(dg, dz)``; dz is an empty tensor when ``out_act`` is ``"none"``."""
+    code = check_out_act(out_act)
+    if code == 1 and out is None:
+        raise ValueError("out is required when out_act='relu'")
+    store_dz = code != 0
+    dz = empty_ncs(x, grad_out.dtype) if store_dz else grad_out.new_empty((0,))
+    vd, vx = ncs(grad_out), ncs(x)
+    vr = ncs(shortcut) if shortcut is not None and code == 2 else vx
+    vo = ncs(out) if code == 1 else vx
+    vz = ncs(dz) if store_dz else vx
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    tile = pick_tile(C, S, vx.stride_c, vx.stride_s, REDUCE_ELEMS)
+    n_cblocks, s_tiles = cdiv(C, tile.block_c), cdiv(S, tile.block_s)
+    if splits is None:
+        splits = num_splits(N * n_cblocks, s_tiles, target_programs(x.device))
+    tiles_per_split = cdiv(s_tiles, max(1, min(splits, s_tiles)))
+    splits = cdiv(s_tiles, tiles_per_split)
+    dg = torch.empty((N, C) if splits == 1 else (splits, N, C), dtype=torch.float32,
+                     device=x.device)
+    kernel = _gate_grad_kernel if INTERPRETED else wrap_triton(_gate_grad_kernel)
+    kernel[(N * n_cblocks * splits,)](
+        vd.tensor, vx.tensor, vr.tensor, vo.tensor, g.to(torch.float32).contiguous(),
+        vz.tensor if store_dz else vx.tensor, dg, N, C, S, tiles_per_split * tile.block_s,
+        n_cblocks, splits, vd.stride_n, vd.stride_c, vd.stride_s, vx.stride_n, vx.stride_c,
+        vx.stride_s, vr.stride_n, vr.stride_c, vr.stride_s, vo.stride_n, vo.stride_c,
+        vo.stride_s, vz.stride_n, vz.stride_c, vz.stride_s,
+        HAS_SC=shortcut is not None, OUT_ACT=code, STORE_DZ=store_dz,
+        BLOCK_S=tile.block_s, BLOCK_C=tile.block_c,
+    )
+    return (dg if splits == 1 else dg.sum(0)), dz
+
+
+def input_grad_launch(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
+    """K2 by Triton: ``dz * g[n, c] (+ ds[n, c] / S)`` in x's dtype and layout."""
+    dx = empty_ncs(x, x.dtype)
+    vz, vx = ncs(dz), ncs(dx)
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    tile = pick_tile(C, S, vx.stride_c, vx.stride_s, POINTWISE_ELEMS)
+    n_cblocks, n_sblocks = cdiv(C, tile.block_c), cdiv(S, tile.block_s)
+    g = g.to(torch.float32).contiguous()
+    ds_arg = ds.to(torch.float32).contiguous() if ds is not None else g
+    kernel = _input_grad_kernel if INTERPRETED else wrap_triton(_input_grad_kernel)
+    kernel[(N * n_cblocks * n_sblocks,)](
+        vz.tensor, g, ds_arg, dx, C, S, n_cblocks, n_sblocks, 1.0 / S,
+        vz.stride_n, vz.stride_c, vz.stride_s, vx.stride_n, vx.stride_c, vx.stride_s,
+        HAS_DS=ds is not None, BLOCK_S=tile.block_s, BLOCK_C=tile.block_c, C_FAST=tile.c_fast,
+    )
+    return dx
+
+
+@register_op("se_inject::scale_residual_act_grad_gate")
+def gate_grad(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], out: Optional[Tensor],
+              g: Tensor, out_act: str) -> tuple[Tensor, Tensor]:
+    """K1: ``(dg, dz)`` with dg = sum over positions of dz * x, fp32 (N, C); dz = dL/dz, like
+    x in grad_out's dtype, or empty when ``out_act`` is ``"none"`` (dz is then grad_out).
+    ``out`` is needed for relu, ``shortcut`` (if any) for silu. No double backward."""
+    if tensors_supported(x, shortcut) and tensors_supported(grad_out, out):
+        return gate_grad_launch(grad_out, x, shortcut, out, g, out_act)
+    return gate_grad_reference(grad_out, x, shortcut, out, g, out_act)
+
+
+@register_op("se_inject::scale_residual_act_grad_input")
+def input_grad(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
+    """K2: ``dx = dz * g[n, c] + ds[n, c] / S`` in x's dtype and layout (x's values are not
+    read). No double backward."""
+    if tensors_supported(x, dz):
+        return input_grad_launch(dz, x, g, ds)
+    return input_grad_reference(dz, x, g, ds)
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape(v.shape + (1,) * (like.dim() - 2))
+
+
+def gate_grad_reference(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor],
+                        out: Optional[Tensor], g: Tensor, out_act: str) -> tuple[Tensor, Tensor]:
+    """K1 in torch ops, in fp32 (float64 stays)."""
+    code = check_out_act(out_act)
+    acc = torch.promote_types(grad_out.dtype, torch.float32)
+    dz = grad_out.to(acc)
+    if code == 1:
+        if out is None:
+            raise ValueError("out is required when out_act='relu'")
+        dz = torch.ops.aten.threshold_backward.default(dz, out.to(acc), 0)
+    elif code == 2:
+        z = x.to(acc) * _per_channel(g.to(acc), x)
+        z = z + shortcut.to(acc) if shortcut is not None else z
+        dz = torch.ops.aten.silu_backward.default(dz, z)
+    dg = (dz * x.to(acc)).sum(dim=tuple(range(2, x.dim())))
+    if code == 0:
+        return dg, grad_out.new_empty((0,))
+    return dg, dz.to(grad_out.dtype)
+
+
+def input_grad_reference(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
+    """K2 in torch ops, in fp32 (float64 stays)."""
+    acc = torch.promote_types(dz.dtype, torch.float32)
+    dx = dz.to(acc) * _per_channel(g.to(acc), x)
+    if ds is not None:
+        dx = dx + _per_channel(ds.to(acc) / math.prod(x.shape[2:]), x)
+    return dx.to(x.dtype)

@@ -1,0 +1,170 @@
+"""The whole SE residual tail as one operator: squeeze, excitation MLP, scale, add, activation.
+
+Paper: `Squeeze-and-Excitation Networks`, Hu et al., CVPR 2018 - https://arxiv.org/abs/1709.01507
+
+``se_inject::se_residual`` computes, for x of shape (N, C, *spatial) with S positions::
+
+    s   = mean over spatial dims of x (fp32)        g = gate(fc2(act(fc1(s)))) * gain
+    out = out_act(x * g[:, :, None...] + shortcut)
+
+in two passes over x (a Triton squeeze, then a Triton scale-add-act), the MLP in torch in fp32.
+It returns ``(out, s)``: the squeeze means are saved for the backward, which recomputes the tiny
+MLP from them instead of reading x again. The backward is K1 (``dg = sum_s dz * x``), the MLP
+backward in aten ops, and K2 (``dx = dz * g + ds / S``): see :mod:`se_inject.fused.backward`.
+
+Autocast: custom ops are not autocast-aware, and no autocast rule is registered, on purpose. The
+op takes x and the shortcut in whatever dtypes they come (bf16 from a conv under autocast, often
+fp32 for a shortcut), computes in fp32 and stores ``promote_types(x.dtype, shortcut.dtype)``, as
+the eager ``x * g + shortcut`` would; the MLP runs in fp32 with autocast switched off inside.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ._common import OUT_ACTS, check_out_act, register_op, tensors_supported
+from .backward import gate_grad, input_grad
+from .mlp import ACTS, GATES, check_names, mlp_backward, mlp_forward
+from .scale import scale
+from .squeeze import squeeze
+
+__all__ = ["se_residual", "se_residual_op", "se_residual_reference", "supports"]
+
+
+@register_op("se_inject::se_residual")
+def se_residual_op(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
+                   fc2_weight: Tensor, fc2_bias: Tensor, gain: Optional[Tensor], act: str,
+                   gate: str, out_act: str) -> tuple[Tensor, Tensor]:
+    """``(out, s)``: the SE residual tail and the fp32 squeeze means (saved for backward).
+
+    Triton on CUDA tensors (fp32/bf16/fp16), the same maths in torch ops elsewhere; the choice is
+    made once per call by :func:`~se_inject.fused._common.tensors_supported`.
+    """
+    check_names(act, gate)
+    check_out_act(out_act)
+    use_triton = tensors_supported(x, shortcut)
+    s = squeeze(x, use_triton)
+    g = mlp_forward(s, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate).g
+    return scale(x, g, shortcut, out_act, use_triton), s
+
+
+def _setup(ctx, inputs: tuple, output: tuple) -> None:
+    x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate, out_act = inputs
+    out, s = output
+    ctx.names = (act, gate, out_act)
+    ctx.sc_dtype = shortcut.dtype if shortcut is not None else None
+    ctx.save_for_backward(x, shortcut if out_act == "silu" else None, fc1_weight, fc1_bias,
+                          fc2_weight, fc2_bias, gain, out if out_act == "relu" else None, s)
+
+
+def _backward(ctx, grad_out: Tensor, grad_s: Optional[Tensor]) -> tuple:
+    x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, out, s = ctx.saved_tensors
+    act, gate, out_act = ctx.names
+    weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    state = mlp_forward(s, *weights, gain, act, gate)
+    dg, dz = gate_grad(grad_out, x, shortcut, out, state.g, out_act)
+    dz = grad_out if out_act == "none" else dz
+    grads = mlp_backward(dg, state, *weights, gain, act, gate)
+    ds = grads.s if grad_s is None else grads.s + grad_s
+    dx = input_grad(dz, x, state.g, ds) if ctx.needs_input_grad[0] else None
+    dsc = dz.to(ctx.sc_dtype) if ctx.needs_input_grad[1] else None
+    return (dx, dsc, grads.fc1_weight, grads.fc1_bias, grads.fc2_weight, grads.fc2_bias,
+            None, None, None, None)
+
+
+se_residual_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check_shapes(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
+                  fc2_weight: Tensor, fc2_bias: Tensor, gain: Optional[Tensor]) -> None:
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"x must be (N, C, *spatial) with 1 to 3 spatial dims, "
+                         f"got shape {tuple(x.shape)}")
+    C, hidden = x.shape[1], fc1_weight.shape[0]
+    ones = (1,) * (fc1_weight.dim() - 2)
+    expected = {
+        "fc1_weight": (fc1_weight, (hidden, C) + ones), "fc1_bias": (fc1_bias, (hidden,)),
+        "fc2_weight": (fc2_weight, (C, hidden) + ones), "fc2_bias": (fc2_bias, (C,)),
+    }
+    if shortcut is not None:
+        expected["shortcut"] = (shortcut, tuple(x.shape))
+    if gain is not None:
+        expected["gain"] = (gain, ())
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)} "
+                             f"and fc1_weight of shape {tuple(fc1_weight.shape)}; "
+                             f"got {tuple(tensor.shape)}")
+
+
+def se_residual(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
+                fc2_weight: Tensor, fc2_bias: Tensor, gain: Optional[Tensor] = None,
+                act: str = "relu", gate: str = "sigmoid", out_act: str = "none") -> Tensor:
+    """``out_act(SE(x) + shortcut)`` by the fused op ``se_inject::se_residual``.
+
+    Args:
+        x: the residual branch, (N, C, L), (N, C, H, W) or (N, C, T, H, W), any layout.
+        shortcut: added after the scale (x's shape; its dtype may differ), or ``None``.
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias: SEBlock's 1x1 conv parameters,
+            (hidden, C, 1...), (hidden,), (C, hidden, 1...), (C,).
+        gain: a 0-dim tensor the gate is multiplied by, or ``None`` for 1.
+        act, gate, out_act: names from ``ACTS``, ``GATES`` and ``OUT_ACTS``.
+
+    Returns:
+        A tensor like x in x's layout, of dtype ``promote_types(x.dtype, shortcut.dtype)``.
+
+    Raises:
+        ValueError: a name is unknown or a shape does not fit; the message names the argument.
+
+    >>> x = torch.randn(2, 8, 5, 5)
+    >>> w1, b1 = torch.randn(4, 8, 1, 1), torch.randn(4)
+    >>> w2, b2 = torch.randn(8, 4, 1, 1), torch.randn(8)
+    >>> out = se_residual(x, x, w1, b1, w2, b2, out_act="relu")
+    >>> torch.allclose(out, se_residual_reference(x, x, w1, b1, w2, b2, out_act="relu"), atol=1e-6)
+    True
+    """
+    check_names(act, gate)
+    check_out_act(out_act)
+    _check_shapes(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain)
+    out, _ = se_residual_op(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act,
+                            gate, out_act)
+    return out
+
+
+def supports(x: Tensor, shortcut: Optional[Tensor], act: str, gate: str, out_act: str) -> bool:
+    """Whether :func:`se_residual` runs its Triton kernels for these arguments.
+
+    Triton importable; x a CUDA tensor (a CPU tensor when the kernels are interpreted, for tests)
+    with 3 to 5 dims in fp32/bf16/fp16; the shortcut likewise; supported names. When it is false,
+    :func:`se_residual` still works (in torch ops) as long as the names are valid.
+    """
+    if act not in ACTS or gate not in GATES or out_act not in OUT_ACTS:
+        return False
+    return tensors_supported(x, shortcut)
+
+
+_OUT_ACT_FNS = {"none": lambda z: z, "relu": F.relu, "silu": F.silu}
+
+
+def se_residual_reference(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor,
+                          fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                          gain: Optional[Tensor] = None, act: str = "relu", gate: str = "sigmoid",
+                          out_act: str = "none") -> Tensor:
+    """The same maths as :func:`se_residual` in plain, autograd-differentiable torch ops, written
+    as today's ``SEBlock.forward`` (mean, F.linear on the flattened weights, act, F.linear, gate,
+    ``* gain``), then ``x * g`` and ``+ shortcut`` and ``out_act``: the CPU path and the oracle."""
+    check_names(act, gate)
+    check_out_act(out_act)
+    s = x.mean(dim=tuple(range(2, x.dim())))
+    s = F.linear(s, fc1_weight.flatten(1), fc1_bias)
+    s = ACTS[act](s)
+    s = F.linear(s, fc2_weight.flatten(1), fc2_bias)
+    g = GATES[gate](s)
+    if gain is not None:
+        g = g * gain
+    z = x * g.view(g.shape + (1,) * (x.dim() - 2))
+    if shortcut is not None:
+        z = z + shortcut
+    return _OUT_ACT_FNS[out_act](z)

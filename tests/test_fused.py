@@ -1,0 +1,493 @@
+"""The fused SE op (se_inject.fused): its Triton kernels, its autograd formula, compile and export.
+
+The Triton kernels run on CPU tensors through Triton's interpreter, in one subprocess started with
+TRITON_INTERPRET=1 (the variable must be set before ``triton.jit`` decorates the kernels, and must
+not leak into other test files): it saves inputs, outputs and gradients, and the tests here compare
+them with the plain-torch reference. Everything else runs in this process on the op's CPU path.
+
+Tolerances, relative to the reference's largest magnitude: 1e-5 for fp32 results, 2e-2 for bf16
+and 4e-3 for fp16. The kernels compute in fp32 and round once per stored tensor, but a
+low-precision dx goes through two roundings (dz, stored between K1 and K2, then dx), and
+``dx = dz * g + ds / S`` can cancel, so its error is relative to the larger ``dz * g``.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+from torch import nn
+
+import se_inject.fused as fused
+from se_inject.fused import _common, backward, scale, squeeze
+from se_inject.fused.se_residual import se_residual_op
+from se_inject.se_block import ACT_LAYERS, GATE_LAYERS, SEBlock
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ("x", "shortcut", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-12}
+
+
+class Case(NamedTuple):
+    name: str
+    shape: tuple
+    layout: str = "contiguous"  # contiguous | channels_last | sliced | permuted
+    dtype: torch.dtype = torch.float32
+    sc_dtype: Optional[torch.dtype] = torch.float32  # None: no shortcut
+    sc_layout: str = "same"
+    out_act: str = "relu"
+    act: str = "relu"
+    gate: str = "sigmoid"
+    gain: Optional[float] = 2.0
+    grad: str = "randn"  # randn | sum (an expanded, all-strides-0 gradient)
+
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+CASES = [
+    Case("nchw-relu", (2, 5, 7, 3)),
+    Case("nhwc-silu-hardsig", (2, 5, 7, 3), "channels_last", out_act="silu", act="silu",
+         gate="hard_sigmoid", gain=None),
+    Case("nhwc-none-nosc-sumgrad", (2, 5, 7, 3), "channels_last", sc_dtype=None, out_act="none",
+         act="gelu", grad="sum"),
+    Case("nhwc-2cblocks-splits", (3, 70, 9, 11), "channels_last"),
+    Case("nchw-bf16", (2, 70, 9, 11), dtype=BF16, sc_dtype=BF16),
+    Case("1d-batch1-long", (1, 3, 1100), out_act="silu", act="mish"),
+    Case("1d-bf16-nosc", (2, 6, 37), dtype=BF16, sc_dtype=None, act="relu6"),
+    Case("3d-ndhwc-silu", (2, 4, 3, 5, 2), "channels_last", out_act="silu", act="hard_swish"),
+    Case("3d-bf16", (2, 4, 3, 5, 2), dtype=BF16, sc_dtype=BF16, out_act="none"),
+    Case("bf16-x-fp32-sc", (2, 5, 7, 3), "channels_last", dtype=BF16, sc_dtype=F32),
+    Case("mixed-layouts-silu", (2, 5, 7, 3), sc_layout="channels_last", out_act="silu"),
+    Case("nhwc-bf16-silu-nosc", (2, 9, 6, 5), "channels_last", dtype=BF16, sc_dtype=None,
+         out_act="silu"),
+    Case("nhwc-fp16", (2, 5, 7, 3), "channels_last", dtype=F16, sc_dtype=F16),
+    Case("sliced-x", (2, 5, 4, 3), "sliced", out_act="none"),
+    Case("permuted-x", (2, 5, 4, 3), "permuted", sc_dtype=None, out_act="silu"),
+]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        return t.to(memory_format=fmt) if t.dim() in (4, 5) else t
+    if layout == "sliced":  # every other channel of a wider tensor: not dense, still collapsible
+        return torch.cat([t, torch.randn_like(t)], dim=1)[:, 0::2]
+    if layout == "permuted":  # (N, H, C, W) in memory: the spatial dims do not collapse
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+def make_inputs(case: Case, seed: int = 0, hidden: int = 3) -> dict:
+    torch.manual_seed(seed)
+    C, ones = case.shape[1], (1,) * (len(case.shape) - 2)
+    x = _layout(torch.randn(case.shape), case.layout).to(case.dtype)
+    sc = None
+    if case.sc_dtype is not None:
+        sc_layout = case.layout if case.sc_layout == "same" else case.sc_layout
+        sc = _layout(torch.randn(case.shape), sc_layout).to(case.sc_dtype)
+    return {
+        "x": x, "shortcut": sc,
+        # a positive fc1 bias keeps the hidden units alive, so the squeeze gradient is not 0
+        "fc1_weight": torch.randn(hidden, C, *ones) * 0.5, "fc1_bias": torch.rand(hidden) + 0.5,
+        "fc2_weight": torch.randn(C, hidden, *ones) * 0.5, "fc2_bias": torch.randn(C),
+        "gain": torch.tensor(case.gain) if case.gain is not None else None,
+    }
+
+
+def run_with_grads(fn, case: Case, inputs: dict, grad_out: Optional[torch.Tensor]) -> tuple:
+    """``fn(**leaves)`` and the gradients of every parameter; grads of ``out * grad_out``."""
+    leaves = {k: (v.detach().requires_grad_(k in PARAMS) if v is not None else None)
+              for k, v in inputs.items()}
+    out = fn(**leaves, act=case.act, gate=case.gate, out_act=case.out_act)
+    if grad_out is None:
+        out.sum().backward()
+    else:
+        out.backward(grad_out.to(out.dtype))
+    return out.detach(), {k: leaves[k].grad for k in PARAMS if leaves[k] is not None}
+
+
+def assert_matches(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    tol = TOL[got.dtype]
+    ref = ref.detach().to(torch.float64)
+    torch.testing.assert_close(got.to(torch.float64), ref, rtol=tol,
+                               atol=tol * max(ref.abs().max().item(), 1e-30), msg=what)
+
+
+def reference_with_grads(case: Case, inputs: dict, grad_out: Optional[torch.Tensor]) -> tuple:
+    """The oracle: se_residual_reference in fp32 on the same (upcast) values."""
+    up = {k: (v.float() if v is not None else None) for k, v in inputs.items()}
+    return run_with_grads(fused.se_residual_reference, case, up, grad_out)
+
+
+def _interpret_worker(path: str) -> None:
+    """Runs in the TRITON_INTERPRET=1 subprocess: the Triton path on CPU tensors, saved to path."""
+    if not fused.INTERPRETED:
+        raise RuntimeError("the worker must run with TRITON_INTERPRET=1 set before import")
+    results = {}
+    for case in CASES:
+        inputs = make_inputs(case)
+        torch.manual_seed(1)
+        out_shape_dtype = scale.out_dtype(inputs["x"], inputs["shortcut"])
+        grad_out = torch.randn(case.shape, dtype=out_shape_dtype) if case.grad == "randn" else None
+        out, grads = run_with_grads(fused.se_residual, case, inputs, grad_out)
+        results[case.name] = {
+            "supports": fused.supports(inputs["x"], inputs["shortcut"], case.act, case.gate,
+                                       case.out_act),
+            "inputs": inputs, "grad_out": grad_out, "out": out, "grads": grads,
+        }
+    results["launchers"] = _interpret_launchers()
+    torch.save(results, path)
+
+
+def _interpret_launchers() -> dict:
+    """The reductions with forced splits, and the standalone scale op with a learnable gate."""
+    torch.manual_seed(2)
+    found = {}
+    for name, x in {"nhwc": _layout(torch.randn(1, 70, 9, 11), "channels_last"),
+                    "nchw-long": torch.randn(1, 3, 2100)}.items():
+        found[name] = {"x": x, **{k: squeeze.squeeze_launch(x, splits=k) for k in (1, 2, 3)}}
+    x, sc, g = torch.randn(2, 70, 40), torch.randn(2, 70, 40), torch.rand(2, 70)
+    dout = torch.randn(2, 70, 40)
+    found["gate_grad"] = {"args": (dout, x, sc, None, g, "silu"),
+                          "got": backward.gate_grad_launch(dout, x, sc, None, g, "silu", splits=3)}
+    leaves = [t.clone().requires_grad_() for t in (x, g, sc)]
+    out = scale.scale_residual_act(leaves[0], leaves[1], leaves[2], "relu")
+    out.backward(dout)
+    found["scale_op"] = {"args": (x, g, sc, dout), "out": out.detach(),
+                         "grads": [t.grad for t in leaves]}
+    return found
+
+
+def python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter at the repo root; TRITON_INTERPRET only if given."""
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**full, **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    pytest.importorskip("triton")
+    path = tmp_path_factory.mktemp("interpreted") / "results.pt"
+    code = f"from tests.test_fused import _interpret_worker; _interpret_worker({str(path)!r})"
+    done = python(code, TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr[-6000:]
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_interpreted_triton_matches_reference(interpreted, case):
+    rec = interpreted[case.name]
+    assert rec["supports"], "the Triton path did not run"
+    inputs, out = rec["inputs"], rec["out"]
+    ref_out, ref_grads = reference_with_grads(case, inputs, rec["grad_out"])
+    assert out.dtype == scale.out_dtype(inputs["x"], inputs["shortcut"])
+    assert_matches(out, ref_out, "out")
+    for name, grad in rec["grads"].items():
+        assert grad.dtype == inputs[name].dtype, name
+        assert_matches(grad, ref_grads[name], f"grad of {name}")
+    if case.layout in ("contiguous", "channels_last"):
+        assert out.stride() == inputs["x"].stride()
+        assert rec["grads"]["x"].stride() == inputs["x"].stride()
+
+
+def test_interpreted_squeeze_splits_and_scale_op(interpreted):
+    found = interpreted["launchers"]
+    for name in ("nhwc", "nchw-long"):
+        want = squeeze.squeeze_mean_reference(found[name]["x"])
+        for k in (1, 2, 3):
+            assert_matches(found[name][k], want, f"{name} splits={k}")
+    dg, dz = found["gate_grad"]["got"]
+    want_dg, want_dz = backward.gate_grad_reference(*found["gate_grad"]["args"])
+    assert_matches(dg, want_dg, "dg with 3 splits")
+    assert_matches(dz, want_dz, "dz")
+    x, g, sc, dout = found["scale_op"]["args"]
+    leaves = [t.clone().requires_grad_() for t in (x, g, sc)]
+    out = torch.relu(leaves[0] * leaves[1][:, :, None] + leaves[2])
+    out.backward(dout)
+    assert_matches(found["scale_op"]["out"], out, "scale op out")
+    for got, leaf in zip(found["scale_op"]["grads"], leaves):
+        assert_matches(got, leaf.grad, "scale op grad")
+
+
+# ---- the reference and the op's CPU path ----------------------------------------------------
+
+
+def test_names_are_those_of_seblock():
+    assert set(fused.ACTS) == set(ACT_LAYERS) and set(fused.GATES) == set(GATE_LAYERS)
+
+
+@pytest.mark.parametrize("dims,act,gate", [(1, "silu", "sigmoid"), (2, "relu", "hard_sigmoid"),
+                                           (3, "mish", "sigmoid")])
+def test_reference_is_seblock_forward(dims, act, gate):
+    se = SEBlock(16, rd_channels=4, act_layer=act, gate_layer=gate, spatial_dims=dims)
+    se.set_gain_(2.0)
+    x = torch.randn((2, 16) + (5,) * dims)
+    got = fused.se_residual_reference(x, None, se.fc1.weight, se.fc1.bias, se.fc2.weight,
+                                      se.fc2.bias, se.gain, act, gate, "none")
+    torch.testing.assert_close(got, se(x), rtol=0, atol=0)
+
+
+GRADCHECK = [("relu", "sigmoid", "relu", True), ("silu", "hard_sigmoid", "silu", True),
+             ("gelu", "sigmoid", "none", False), ("relu6", "sigmoid", "silu", False),
+             ("hard_swish", "hard_sigmoid", "relu", True), ("mish", "sigmoid", "none", True)]
+
+
+@pytest.mark.parametrize("act,gate,out_act,with_sc", GRADCHECK)
+def test_gradcheck_float64(act, gate, out_act, with_sc):
+    case = Case("gc", (2, 4, 3, 3), dtype=torch.float64,
+                sc_dtype=torch.float64 if with_sc else None)
+    inputs = {k: (v.double() if v is not None else None) for k, v in make_inputs(case).items()}
+    names = [k for k in PARAMS if inputs[k] is not None]
+
+    def fn(*tensors):
+        kw = {**inputs, **dict(zip(names, tensors))}
+        return fused.se_residual(**kw, act=act, gate=gate, out_act=out_act)
+
+    leaves = [inputs[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(fn, leaves)
+    want = fused.se_residual_reference(**inputs, act=act, gate=gate, out_act=out_act)
+    torch.testing.assert_close(fn(*leaves), want, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64_squeeze_and_scale_ops():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    sc = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(squeeze.squeeze_mean, (x,))
+    for out_act in ("none", "relu", "silu"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: scale.scale_residual_act(a, b, c, out_act), (x, g, sc))
+
+
+def test_second_output_is_the_squeeze_and_its_gradient_flows():
+    inputs = make_inputs(CASES[0])
+    leaves = {k: (v.detach().requires_grad_() if k in PARAMS else v) for k, v in inputs.items()}
+    out, s = se_residual_op(*leaves.values(), "relu", "sigmoid", "relu")
+    weight = torch.randn_like(s)
+    (out.sum() + (s * weight).sum()).backward()
+    ref = {k: (v.detach().requires_grad_() if k in PARAMS else v) for k, v in inputs.items()}
+    ref_out = fused.se_residual_reference(**ref, act="relu", gate="sigmoid", out_act="relu")
+    (ref_out.sum() + (ref["x"].mean((2, 3)) * weight).sum()).backward()
+    assert_matches(s, ref["x"].mean((2, 3)), "s")
+    for name in PARAMS:
+        assert_matches(leaves[name].grad, ref[name].grad, name)
+
+
+@pytest.mark.parametrize("x_dtype,sc_dtype,want", [
+    (BF16, F32, F32), (F32, BF16, F32), (BF16, None, BF16), (F16, BF16, F32), (BF16, BF16, BF16)])
+def test_output_and_gradient_dtypes(x_dtype, sc_dtype, want):
+    case = Case("dt", (2, 4, 3, 3), "channels_last", dtype=x_dtype, sc_dtype=sc_dtype)
+    inputs = make_inputs(case)
+    out, grads = run_with_grads(fused.se_residual, case, inputs, None)
+    assert out.dtype == want
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert {k: g.dtype for k, g in grads.items()} == {k: inputs[k].dtype for k in grads}
+
+
+def test_autocast_does_not_reach_the_mlp():
+    """Under autocast the op computes what it computes without it: its fp32 MLP is not cast."""
+    case = Case("ac", (2, 8, 4, 4), dtype=BF16, sc_dtype=F32)
+    inputs = make_inputs(case)
+    plain, plain_grads = run_with_grads(fused.se_residual, case, inputs, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, cast_grads = run_with_grads(fused.se_residual, case, inputs, None)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=0, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(cast_grads[name], grad, rtol=0, atol=0)
+
+
+BAD = {"act": "tanh", "gate": "relu", "out_act": "gelu", "fc1_weight": torch.randn(3, 5, 1, 1),
+       "fc2_bias": torch.randn(3), "shortcut": torch.randn(2, 4, 3, 2), "gain": torch.ones(1),
+       "x": torch.randn(2, 4)}
+
+
+@pytest.mark.parametrize("arg", list(BAD))
+def test_bad_arguments_raise_value_error_naming_them(arg):
+    kwargs = {**make_inputs(Case("bad", (2, 4, 3, 3))), "act": "relu", "gate": "sigmoid",
+              "out_act": "relu", arg: BAD[arg]}
+    with pytest.raises(ValueError, match=rf"^{arg}[= ]"):
+        fused.se_residual(**kwargs)
+
+
+def test_supports_checks_names_dtypes_and_dims():
+    x = torch.randn(2, 4, 3, 3)
+    assert not fused.INTERPRETED  # the interpreted subprocess did not leak into this process
+    assert not fused.supports(x, None, "relu", "sigmoid", "relu")  # CPU tensors: torch ops
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        xc = torch.empty(2, 4, 3, 3, device="cuda")
+        assert fused.supports(xc, xc.half(), "relu", "sigmoid", "silu") == _common.HAS_TRITON
+        assert not fused.supports(xc, None, "tanh", "sigmoid", "relu")
+        assert not fused.supports(xc, None, "relu", "sigmoid", "gelu")
+        assert not fused.supports(xc.double(), None, "relu", "sigmoid", "relu")
+        assert not fused.supports(xc[:, :, 0, 0], None, "relu", "sigmoid", "relu")
+        assert not fused.supports(xc, xc[:, :, :2], "relu", "sigmoid", "relu")
+
+
+# ---- layouts, tiles and splits ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,strides,copied", [
+    (lambda: torch.randn(2, 6, 4, 5), (120, 20, 1), False),
+    (lambda: torch.randn(2, 6, 4, 5).to(memory_format=torch.channels_last), (120, 1, 6), False),
+    (lambda: torch.randn(2, 6, 3, 4, 5).to(memory_format=torch.channels_last_3d),
+     (360, 1, 6), False),
+    (lambda: torch.randn(2, 12, 4, 5)[:, ::2], (240, 40, 1), False),
+    (lambda: torch.ones(()).expand(2, 6, 4, 5), (0, 0, 0), False),
+    (lambda: torch.randn(2, 6, 4, 1), (24, 4, 1), False),
+    (lambda: torch.randn(2, 4, 6, 5).transpose(1, 2), (120, 20, 1), True),
+])
+def test_ncs_view_uses_strides_and_copies_only_what_does_not_collapse(make, strides, copied):
+    x = make()
+    view = _common.ncs(x)
+    assert (view.stride_n, view.stride_c, view.stride_s) == strides
+    assert (view.tensor is not x) == copied
+    out = _common.empty_ncs(x, torch.float32)
+    assert _common.collapsible(out) and out.shape == x.shape
+
+
+def test_tiles_follow_the_contiguous_axis_and_split_small_grids():
+    nhwc = _common.pick_tile(256, 3136, 1, 256, _common.REDUCE_ELEMS)
+    assert (nhwc.block_c, nhwc.block_s, nhwc.c_fast) == (64, 32, True)
+    nchw = _common.pick_tile(256, 3136, 3136, 1, _common.POINTWISE_ELEMS)
+    assert (nchw.block_s, nchw.block_c, nchw.c_fast) == (1024, 4, False)
+    tiny = _common.pick_tile(3, 5, 5, 1, _common.POINTWISE_ELEMS)
+    assert (tiny.block_s, tiny.block_c) == (8, 4)
+    # splits only when N x channel blocks are too few programs, of at least 2 tiles each
+    assert _common.num_splits(rows=256 * 4, s_tiles=98, target=528) == 1
+    assert _common.num_splits(rows=4, s_tiles=98, target=528) == 49  # >= 2 tiles per split
+    assert _common.num_splits(rows=32, s_tiles=2, target=528) == 1
+    assert _common.num_splits(rows=1, s_tiles=1000, target=528) == 500
+
+
+def _trace_on_fake_cuda(fn, *shapes_and_layouts):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        args = [_layout(torch.empty(shape, device="cuda"), layout)
+                for shape, layout in shapes_and_layouts]
+    return make_fx(fn, tracing_mode="fake")(*args)
+
+
+@pytest.mark.parametrize("layout,stride_c,stride_s", [("channels_last", 1, 96),
+                                                      ("contiguous", 20, 1)])
+def test_cuda_launches_trace_as_triton_kernels_without_copies(layout, stride_c, stride_s):
+    """On (fake) CUDA tensors each launcher records one wrap_triton kernel, on x itself."""
+    pytest.importorskip("triton")
+    shape = (2, 96, 4, 5)
+
+    def tail(x, sc):
+        s = squeeze.squeeze_launch(x)
+        out = scale.scale_launch(x, s, sc, "silu")
+        dg, dz = backward.gate_grad_launch(out, x, sc, None, s, "silu")
+        return backward.input_grad_launch(dz, x, s, dg)
+
+    gm = _trace_on_fake_cuda(tail, (shape, layout), (shape, layout))
+    kernels = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(kernels) == 4
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    for node in kernels:
+        kwargs = node.kwargs["kwargs"]
+        # x (or dx, allocated like x) goes in with its own strides: no copy, no relayout
+        assert kwargs.get("stride_c", kwargs.get("sxc")) == stride_c
+        assert kwargs.get("stride_s", kwargs.get("sxs")) == stride_s
+        assert node is kernels[-1] or x in kwargs.values()
+    copies = [n for n in gm.graph.nodes if "clone" in str(n.target) or "copy" in str(n.target)]
+    assert not copies
+
+
+# ---- torch.compile and torch.export ------------------------------------------------------------
+
+
+class TinySE(nn.Module):
+    """A residual SE tail calling the fused op, as the integrated graph will."""
+
+    def __init__(self, channels: int = 6, hidden: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.register_buffer("gain", torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return fused.se_residual(x, shortcut, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                 self.fc2.bias, self.gain, "silu", "sigmoid", "relu")
+
+
+SE_OP = torch.ops.se_inject.se_residual.default
+
+
+@pytest.fixture
+def tiny():
+    torch._dynamo.reset()
+    x = torch.randn(2, 6, 5, 4).to(memory_format=torch.channels_last)
+    yield TinySE(), x, torch.randn(2, 6, 5, 4)
+    torch._dynamo.reset()
+
+
+def _targets(gm: torch.fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_compile_sees_one_op_and_aot_traces_its_backward(tiny):
+    """Dynamo keeps one opaque op; AOTAutograd traces the registered backward, and inside it the
+    ops decompose into what they run (what inductor sees). Gradients match eager."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    model, x, sc = tiny
+    dynamo_graphs, aot_graphs = [], []
+
+    def keep(gm, example_inputs):
+        aot_graphs.append(gm)
+        return make_boxed_func(gm)
+
+    def backend(gm, example_inputs):
+        dynamo_graphs.append(gm)
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    grads = []
+    for fn in (compiled, model):
+        model.zero_grad()
+        leaves = [x.clone().requires_grad_(), sc.clone().requires_grad_()]
+        fn(*leaves).square().sum().backward()
+        grads.append([t.grad for t in leaves] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (graph,) = dynamo_graphs
+    assert _targets(graph).count(SE_OP) == 1
+    assert not [t for t in _targets(graph) if "mean" in str(t) or "linear" in str(t)]
+    forward, backward_graph = aot_graphs
+    assert not [t for gm in aot_graphs for t in _targets(gm) if "se_inject" in str(t)]
+    assert torch.ops.aten.sigmoid_backward.default in _targets(backward_graph)
+    assert torch.ops.aten.silu_backward.default in _targets(backward_graph)
+
+
+def test_export_keeps_the_op_with_fake_shapes_dtypes_and_strides(tiny):
+    model, x, sc = tiny
+    exported = torch.export.export(model, (x.bfloat16(), sc))
+    nodes = [n for n in exported.graph.nodes if n.target == SE_OP]
+    assert len(nodes) == 1
+    out_meta, s_meta = nodes[0].meta["val"]
+    assert out_meta.dtype == torch.float32 and s_meta.dtype == torch.float32
+    assert out_meta.shape == x.shape and s_meta.shape == x.shape[:2]
+    assert out_meta.stride() == x.stride()  # channels_last propagates through the fake kernel
+    torch.testing.assert_close(exported.module()(x.bfloat16(), sc), model(x.bfloat16(), sc),
+                               rtol=0, atol=0)
+
+
+def test_without_triton_the_package_imports_and_runs_on_torch_ops():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, se_inject.fused as f\n"
+            "x, w1 = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 1, 1)\n"
+            "w2 = torch.randn(4, 2, 1, 1)\n"
+            "assert not f.HAS_TRITON and not f.supports(x, x, 'relu', 'sigmoid', 'relu')\n"
+            "args = (x, x, w1, torch.zeros(2), w2, torch.zeros(4))\n"
+            "torch.testing.assert_close(f.se_residual(*args), f.se_residual_reference(*args))\n")
+    done = python(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Triton not available" not in done.stderr
