@@ -6,20 +6,27 @@ signatures and docstrings; the work is done by :mod:`se_inject.pipeline`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+import inspect
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from .errors import NoResidualAddsWarning, NotAModuleError, OptionError
+from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
 from .plan import Injection, SitePlan
-from .tracer import restore_hooks, stash_hooks
+from .tracer import TRACE_LOCK, restore_hooks, stash_hooks
 from .utils import eval_mode, gc_paused, warn
 
 __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
+
+#: se_inject's calls take turns: they share fx's process-wide patching (see tracer.TRACE_LOCK).
+_LOCK = TRACE_LOCK
+
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 
 
 def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
@@ -50,9 +57,50 @@ def _as_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
 
 
 def _check_model(model: Any) -> None:
+    """Refuse what se_inject cannot rewrite, before any work: it names the module and the fix."""
     if not isinstance(model, nn.Module):
         raise NotAModuleError(f"se_inject needs a torch.nn.Module, got {type(model).__name__}; "
                               f"build the model first (e.g. timm.create_model(name)).")
+    if type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        raise NotAModuleError(
+            f"the model is wrapped in {type(model).__name__}, which would not see the new SE parameters; "
+            f"apply se_inject to its .module before wrapping it (model = Wrapper(se_inject.apply(model))).")
+    for path, m in model.named_modules():
+        lazy = isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+        if lazy:
+            raise NotAModuleError(f"{path or '<root>'} ({type(m).__name__}) is a lazy module whose parameters do not "
+                                  f"exist yet; run one forward of the model first, then apply se_inject.")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise NotAModuleError(f"{type(model).__name__} has tensors on the meta device, which cannot run the example "
+                              f"forward se_inject needs; materialise it first (model.to_empty(device='cpu') and "
+                              f"load its weights).")
+
+
+def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """The example inputs must fit the model's forward and be real tensors."""
+    if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
+        raise ExampleInputError("example_inputs are on the meta device; pass real tensors (e.g. torch.randn(...)).")
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*inputs)
+    except TypeError:
+        params = [p.name for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+        raise ExampleInputError(
+            f"{type(model).__name__}.forward takes {len(params)} input{'s' if len(params) != 1 else ''} "
+            f"({', '.join(params)}) but example_inputs has {len(inputs)}; pass example_inputs=(...) with one "
+            f"value per input.") from None
+
+
+@contextlib.contextmanager
+def _session() -> Iterator[None]:
+    """What every call runs under: its turn on the lock, no GC pauses, and real tensors (new
+    parameters made under ``torch.inference_mode`` could never be trained)."""
+    with _LOCK, gc_paused(), torch.inference_mode(False):
+        yield
 
 
 def _check_flag(name: str, value: Any) -> None:
@@ -61,14 +109,17 @@ def _check_flag(name: str, value: Any) -> None:
 
 
 def _analysed(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool):
-    """Plan on ``model`` in eval mode without its hooks, then restore both."""
-    hooks = stash_hooks(model)
+    """Plan on a deep copy of ``model``, in eval mode and without its hooks: the analysis runs the
+    model's code, which may write to it, and the caller's model must never see that."""
+    _check_inputs(model, inputs)
+    work = copy.deepcopy(model)
+    hooks = stash_hooks(work)
     try:
-        with eval_mode(model) as training:
-            plan, rewrites = analyse(model, options, inputs, strict)
+        with eval_mode(work):
+            plan, rewrites = analyse(work, options, inputs, strict)
     finally:
-        restore_hooks(model, hooks)
-    return plan, rewrites, training
+        restore_hooks(work, hooks)
+    return work, plan, rewrites
 
 
 @takes_options
@@ -82,16 +133,16 @@ def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = Fals
     Options:
         {options}
     """
-    _check_model(model)
     opts = SEOptions.from_kwargs(options, caller="inject")
     _check_flag("inplace", inplace)
     _check_flag("strict", strict)
+    _check_model(model)
     inputs = _as_inputs(model, example_inputs)
-    with gc_paused():
-        target = model if inplace else copy.deepcopy(model)
-        plan, rewrites, training = _analysed(target, opts, inputs, strict)
+    with _session():
+        work, plan, rewrites = _analysed(model, opts, inputs, strict)
+        target = model if inplace else work
         if plan.sites:
-            return Injection(install(target, rewrites, opts, training), plan)
+            return Injection(install(target, rewrites, opts), plan)
     warn(f"{type(model).__name__} has no residual add that can take an SE block ({plan.skip_summary()}); "
          f"it is returned unchanged.", NoResidualAddsWarning)
     return Injection(target, plan)
@@ -109,7 +160,9 @@ def apply(model: nn.Module, *, example_inputs: Any = None, inplace: bool = False
     keys as timm's hand-written SE models.
 
     Args:
-        model: any ``nn.Module``; left untouched unless ``inplace=True``.
+        model: any ``nn.Module``; left untouched unless ``inplace=True``. The analysis always
+            runs on a deep copy; with ``inplace=True`` only the final swap touches ``model``,
+            and a failed call leaves it exactly as it was.
         example_inputs: a tensor or tuple used to trace shapes and verify; by default one
             random (1, 3, H, W) image sized from timm's ``pretrained_cfg`` or 224x224.
         inplace: rewrite ``model`` itself instead of a deep copy.
@@ -151,13 +204,13 @@ def find_sites(model: nn.Module, *, example_inputs: Any = None, strict: bool = F
         >>> [s.name for s in plan.sites][:3]
         ['layer1.0.se', 'layer1.1.se', 'layer2.0.se']
     """
-    _check_model(model)
     if "inplace" in options:
         raise OptionError("find_sites() never changes the model, so it takes no inplace option; "
                           "apply() and inject() do")
     opts = SEOptions.from_kwargs(options, caller="find_sites")
     _check_flag("strict", strict)
+    _check_model(model)
     inputs = _as_inputs(model, example_inputs)
-    with gc_paused():
-        plan, _, _ = _analysed(copy.deepcopy(model), opts, inputs, strict)
+    with _session():
+        _, plan, _ = _analysed(model, opts, inputs, strict)
     return plan

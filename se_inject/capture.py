@@ -37,19 +37,22 @@ class Call:
 
 
 @contextlib.contextmanager
-def recording(modules: Iterable[nn.Module], *, outputs: bool = True) -> Iterator[dict[int, Call]]:
+def recording(modules: Iterable[nn.Module], *, outputs: bool = True, clone: bool = True
+              ) -> Iterator[dict[int, Call]]:
     """Record the first call of each module while the ``with`` body runs a forward.
 
     Yields a dict filled as modules run: ``id(module)`` -> :class:`Call` (modules that never run
-    have no entry). With ``outputs=False`` only inputs and counts are recorded.
+    have no entry). With ``outputs=False`` only inputs and counts are recorded; with
+    ``clone=False`` the inputs are kept as given (enough to know how a module was called).
     """
     calls: dict[int, Call] = {}
+    copy = clone_tensors if clone else (lambda tree: tree)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = calls.setdefault(id(module), Call())
         call.count += 1
         if call.count == 1:
-            call.args, call.kwargs = clone_tensors(args), clone_tensors(dict(kwargs))
+            call.args, call.kwargs = copy(args), copy(dict(kwargs))
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         call = calls[id(module)]
@@ -68,11 +71,25 @@ def recording(modules: Iterable[nn.Module], *, outputs: bool = True) -> Iterator
             h.remove()
 
 
+def _plain(value: Any) -> Any:
+    """A traced graph's output in plain containers: fx returns its own ``immutable_list`` and
+    ``immutable_dict``, which pytree would take for leaves, not for the list or dict they are."""
+    if type(value).__name__ == "immutable_list":
+        return [_plain(v) for v in value]
+    if type(value).__name__ == "immutable_dict":
+        return {k: _plain(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    if type(value) is dict:
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def outputs_match(expected: Any, actual: Any) -> Optional[str]:
     """None if two outputs match (structure, shapes, values within rtol 1e-4 / atol 1e-5),
     else what differs."""
-    exp_leaves, exp_spec = tree_flatten(expected)
-    act_leaves, act_spec = tree_flatten(actual)
+    exp_leaves, exp_spec = tree_flatten(_plain(expected))
+    act_leaves, act_spec = tree_flatten(_plain(actual))
     if exp_spec != act_spec:
         return "the output structure differs"
     worst = 0.0

@@ -1,4 +1,4 @@
-"""The ``torch.fx`` tracer se_inject uses, and the GraphModule that stands in for a module.
+"""The ``torch.fx`` tracer se_inject uses.
 
 :class:`SETracer` extends torchvision's ``LeafModuleAwareTracer``. Its leaves are:
 
@@ -11,22 +11,33 @@
 * any module object passed in ``extra_leaves``.
 
 Each node records its module path in ``node.meta["nn_module_stack"]`` (fx does this itself).
+
+Tracing runs a module's Python code on Proxies, and that code may write to the module (torchvision's
+``MultiScaleRoIAlign`` caches ``scales`` on first use): :func:`trace` gives every module its
+attributes back afterwards, so a traced module is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections import OrderedDict
-from typing import Iterable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torchvision.ops
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
+from .block_module import HOOK_DICTS
 from .ops import LEAF_TYPES
 
-__all__ = ["SETracer", "trace", "graph_module_like", "copy_hooks", "stash_hooks", "restore_hooks"]
+#: fx patches ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while it
+#: traces; two traces at once would restore each other's patches. se_inject traces one at a time.
+TRACE_LOCK = threading.RLock()
+
+__all__ = ["SETracer", "TRACE_LOCK", "trace", "attributes_kept", "stash_hooks", "restore_hooks"]
 
 
 class SETracer(LeafModuleAwareTracer):
@@ -50,31 +61,55 @@ class SETracer(LeafModuleAwareTracer):
             return True
         return super().is_leaf_module(m, module_qualname)
 
+    # While fx traces, every thread's module calls and attribute reads go through the tracer (fx
+    # patches them process-wide); those of other threads are passed straight through.
+    def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+        self._thread = threading.get_ident()
+        with TRACE_LOCK:
+            return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Give every module under ``module`` its attributes back on exit: what was set is restored,
+    what was added is removed (including parameters, buffers and submodules)."""
+    saved = [(m, dict(vars(m)), {t: dict(getattr(m, t)) for t in _TABLES}) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs, tables in saved:
+            for name in set(vars(m)) - set(attrs):
+                del m.__dict__[name]
+            m.__dict__.update(attrs)
+            for table, entries in tables.items():
+                current = getattr(m, table)
+                if current != entries:
+                    current.clear()
+                    current.update(entries)
+
 
 def trace(module: nn.Module, *, extra_leaves: Iterable[nn.Module] = ()) -> fx.GraphModule:
-    """Symbolically trace ``module`` with :class:`SETracer`.
+    """Symbolically trace ``module`` with :class:`SETracer`, leaving ``module`` as it was.
 
-    Tracing stores constant tensors it meets as attributes of ``module`` (fx's behaviour), so
-    trace a copy when the module must stay untouched. Exceptions from fx propagate unchanged.
+    Exceptions from fx propagate unchanged.
     """
-    tracer = SETracer(extra_leaves)
-    graph = tracer.trace(module)
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
-
-
-_HOOK_DICTS = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-)
-
-
-def copy_hooks(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` the module hooks of ``source`` (forward, backward and state_dict hooks)."""
-    for name in _HOOK_DICTS:
-        if hasattr(source, name):
-            setattr(target, name, OrderedDict(getattr(source, name)))
+    with attributes_kept(module):
+        tracer = SETracer(extra_leaves)
+        graph = tracer.trace(module)
+        return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 def stash_hooks(model: nn.Module) -> dict[int, dict[str, OrderedDict]]:
@@ -84,7 +119,7 @@ def stash_hooks(model: nn.Module) -> dict[int, dict[str, OrderedDict]]:
     """
     stash = {}
     for m in model.modules():
-        stash[id(m)] = {name: getattr(m, name) for name in _HOOK_DICTS if hasattr(m, name)}
+        stash[id(m)] = {name: getattr(m, name) for name in HOOK_DICTS if hasattr(m, name)}
         for name in stash[id(m)]:
             setattr(m, name, OrderedDict())
     return stash
@@ -95,34 +130,3 @@ def restore_hooks(model: nn.Module, stash: dict[int, dict[str, OrderedDict]]) ->
     for m in model.modules():
         for name, hooks in stash.get(id(m), {}).items():
             setattr(m, name, hooks)
-
-
-def graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule running ``graph`` that keeps everything ``module`` has.
-
-    ``fx.GraphModule`` only copies what the graph references, and replaces intermediate
-    containers (``downsample`` of ``downsample.0``) with bare modules. Here every child module,
-    parameter and buffer (persistence included) of ``module`` is kept under its own name and in
-    its own order, so state_dict keys do not change, ``block.downsample[0]`` still indexes, hooks
-    still fire, and public non-callable attributes remain readable. The class name is kept for
-    ``repr``; the object is a GraphModule, not an instance of ``type(module)``.
-    """
-    gm = fx.GraphModule(module, graph, type(module).__name__)
-    for table in ("_modules", "_parameters", "_buffers"):
-        original = getattr(module, table)
-        merged = OrderedDict(original)
-        merged.update((k, v) for k, v in getattr(gm, table).items() if k not in original)
-        setattr(gm, table, merged)
-    # Constants fx lifted out of the code (``_tensor_constant0``) are not state: keep them out
-    # of state_dict so that keys stay those of the original module.
-    gm._non_persistent_buffers_set = set(module._non_persistent_buffers_set) | (
-        set(gm._buffers) - set(module._buffers)
-    )
-    copy_hooks(module, gm)
-    for name, value in vars(module).items():
-        if name.startswith("_") or name == "training" or callable(value) or value is None:
-            continue
-        if not hasattr(gm, name):
-            setattr(gm, name, value)
-    gm.training = module.training
-    return gm
