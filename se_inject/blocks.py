@@ -6,32 +6,56 @@ trace); blocks already rewritten inside it collapse into one ``call_module`` eac
 identity goes before each add, where the SE block will go, so that verification can run the new
 graph. A block that cannot stand on its own (it reads several outside values, returns several,
 or uses a module outside itself) is retried at the next enclosing module.
+
+Where SE sits right before the add (no trailing drop-path between), the SE block takes the add
+over, and the activation that is the add's only reader: ``se(branch, shortcut)`` computes
+``act(SE(branch) + shortcut)``, one fused pass on CUDA (see :class:`se_inject.se_block.SEBlock`).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import fx, nn
 
 from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
+from .ops import is_inplace_add, residual_activation
 from .scopes import Scope
 from .sites import ResidualAdd
-from .tracer import graph_module_like
+from .block_module import graph_module_like
 from .train_mode import TrainModeCheck
 from .utils import join_path, relative_path
 
-__all__ = ["Candidate", "BlockRewrite", "skip_name", "build_blocks"]
+__all__ = ["Candidate", "Placement", "BlockRewrite", "skip_name", "build_blocks"]
 
 
-class CopyingIdentity(nn.Module):
-    """Stands in for SE during verification; copying exposes in-place ops that alias the branch."""
+class StandIn(nn.Module):
+    """Stands in for SE during verification: a copying identity (copying exposes in-place ops that
+    alias the branch), which also does the residual add and activation SE takes over."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
+    def __init__(self, out_act: str = "none", add_in_place: bool = False) -> None:
+        super().__init__()
+        self.out_act, self.add_in_place = out_act, add_in_place
+
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = x.clone()
+        if shortcut is not None:
+            y = y.add_(shortcut) if self.add_in_place else y + shortcut
+        return torch.relu(y) if self.out_act == "relu" else nn.functional.silu(y) if self.out_act == "silu" else y
+
+
+class Placement(NamedTuple):
+    """An SE block in a rewritten block: its attribute name, its add, and the residual tail it
+    takes over (``fused``: the activation after the add, ``"none"`` for none; None when SE sits
+    before the add and the add stays)."""
+
+    name: str
+    candidate: "Candidate"
+    fused: Optional[str]
+    add_in_place: bool
 
 
 def skip_name(scope: Scope, node: fx.Node) -> str:
@@ -85,7 +109,7 @@ class BlockRewrite:
     scope: Scope
     module: nn.Module
     gm: fx.GraphModule
-    placements: list[tuple[str, Candidate]]
+    placements: list[Placement]
     region: set[fx.Node]
     input_node: Optional[fx.Node]
     output_node: Optional[fx.Node]
@@ -174,8 +198,9 @@ class _Extraction:
         self.graph.output(self.env[read_outside[0]])
         return read_outside[0]
 
-    def identities(self, gm: fx.GraphModule, candidates: list[Candidate]) -> list[tuple[str, Candidate]]:
-        """Insert a copying identity before each candidate's add, where SE will go."""
+    def identities(self, gm: fx.GraphModule, candidates: list[Candidate], fuse: bool) -> list[Placement]:
+        """Insert a stand-in before each candidate's add, where SE will go; where SE can take the
+        add over (and the activation after it), the stand-in does that too."""
         points, placements, taken = [], [], set()
         for cand in candidates:
             v = cand.verdict
@@ -184,14 +209,24 @@ class _Extraction:
                 raise _Cannot
             name = free_attribute_name(gm, "se", taken)
             taken.add(name)
-            points.append(InsertionPoint(tail, consumer, name, CopyingIdentity()))
-            placements.append((name, cand))
+            point = InsertionPoint(tail, consumer, name, StandIn())
+            fusable = fuse and v.consumer is v.add and not (is_inplace_add(consumer) and consumer.args[0] is not tail)
+            if fusable:
+                out_act = residual_activation(consumer, lambda n: gm.get_submodule(str(n.target)))
+                in_place = is_inplace_add(consumer)
+                activation = next(iter(consumer.users)) if out_act else None
+                point = InsertionPoint(tail, consumer, name, StandIn(out_act or "none", in_place),
+                                       shortcut=self.env[v.shortcut], activation=activation)
+                placements.append(Placement(name, cand, out_act or "none", in_place))
+            else:
+                placements.append(Placement(name, cand, None, False))
+            points.append(point)
         insert_modules(gm, points)
         return placements
 
 
 def extract_block(path: str, key: Optional[str], candidates: list[Candidate],
-                  inner: list[BlockRewrite]) -> Optional[BlockRewrite]:
+                  inner: list[BlockRewrite], fuse: bool = True) -> Optional[BlockRewrite]:
     """The block at ``path`` as a GraphModule of its own, copied out of its scope's graph, with a
     copying identity before each candidate's add; None when the block cannot stand on its own.
 
@@ -204,19 +239,21 @@ def extract_block(path: str, key: Optional[str], candidates: list[Candidate],
         x.body()
         output_node = x.output()
         gm = graph_module_like(x.module, x.graph)
-        placements = x.identities(gm, candidates)
+        placements = x.identities(gm, candidates, fuse)
     except _Cannot:
         return None
     return BlockRewrite(path, x.scope, x.module, gm, placements, x.region_set, input_node, output_node)
 
 
-def build_blocks(candidates: list[Candidate], skip: Callable[[Candidate, str, str], None]) -> list[BlockRewrite]:
+def build_blocks(candidates: list[Candidate], skip: Callable[[Candidate, str, str], None], *,
+                 fuse: bool = True) -> list[BlockRewrite]:
     """Rewrite the block of every candidate, deepest blocks first.
 
     Building deepest first lets a block keep the blocks inside it as they are. A candidate whose
     block cannot stand on its own moves to the next enclosing module; one whose block traces
     differently in train mode is skipped (a GraphModule runs one graph, so the block would lose
     its train behaviour). ``skip(candidate, reason, detail)`` is called for each candidate left out.
+    With ``fuse``, SE takes over the residual add where it sits right before it.
     """
     train_mode = TrainModeCheck()
     built: dict[str, BlockRewrite] = {}
@@ -230,7 +267,7 @@ def build_blocks(candidates: list[Candidate], skip: Callable[[Candidate, str, st
         result: Union[BlockRewrite, str, None] = "train-eval-differ" if train_mode.differs(scope, key) else None
         if result is None:
             inner = [r for p, r in built.items() if path == "" or p.startswith(path + ".")]
-            result = extract_block(path, key, group, inner) or "untraceable-block"
+            result = extract_block(path, key, group, inner, fuse) or "untraceable-block"
         if isinstance(result, BlockRewrite):
             built[path] = result
             continue

@@ -4,12 +4,16 @@
 style of ``torch.fx.subgraph_rewriter``: the caller collects the targets first, the pass inserts
 ``call_module`` nodes with ``graph.inserting_before``, rewires the consumer with
 ``replace_input_with``, lints the graph and recompiles the module.
+
+A point may also hand the residual add to the module (``module(tail, shortcut)`` replaces the add),
+and the activation that is the add's only reader: that is how SE runs its fused residual tail.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import fx, nn
 
@@ -27,12 +31,18 @@ class InsertionPoint:
         consumer: a user of ``tail`` (the residual add, or a drop-path in front of it).
         name: attribute name for the new module (see :func:`free_attribute_name`).
         module: the module to insert.
+        shortcut: when given, ``consumer`` is the residual add ``tail + shortcut`` and the module
+            replaces it: ``module(tail, shortcut)``.
+        activation: with ``shortcut``, the activation node that is the add's only reader, which
+            the module replaces too.
     """
 
     tail: fx.Node
     consumer: fx.Node
     name: str
     module: nn.Module
+    shortcut: Optional[fx.Node] = None
+    activation: Optional[fx.Node] = None
 
 
 def free_attribute_name(gm: nn.Module, base: str, taken: set[str]) -> str:
@@ -83,18 +93,36 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict
 
     position = {n: i for i, n in enumerate(graph.nodes)}
     created: dict[str, fx.Node] = {}
+    replaced: dict[fx.Node, fx.Node] = {}  # nodes an earlier point removed -> what stands for them
     for point in points:
         if getattr(gm, point.name, None) is None and hasattr(gm, point.name):
             delattr(gm, point.name)  # a placeholder attribute such as timm's `self.se = None`
         gm.add_submodule(point.name, point.module)
+        point = dataclasses.replace(point, tail=replaced.get(point.tail, point.tail),
+                                    shortcut=replaced.get(point.shortcut, point.shortcut))  # type: ignore[arg-type]
+        args = (point.tail,) if point.shortcut is None else (point.tail, point.shortcut)
         with graph.inserting_before(point.consumer):
-            node = graph.call_module(point.name, (point.tail,))
-        point.consumer.replace_input_with(point.tail, node)
-        if is_inplace_add(point.consumer) and point.consumer.args[0] is node:
-            later = [u for u in point.tail.users if position.get(u, -1) > position[point.consumer]]
-            for user in later:
-                user.replace_input_with(point.tail, point.consumer)
+            node = graph.call_module(point.name, args)
+        in_place = is_inplace_add(point.consumer) and point.consumer.args[0] is point.tail
+        result = node if point.shortcut is not None else point.consumer
+        if in_place:  # what read the tail after `tail += shortcut` reads the add's result
+            for user in [u for u in point.tail.users if position.get(u, -1) > position[point.consumer]]:
+                user.replace_input_with(point.tail, result)
+        if point.shortcut is None:
+            point.consumer.replace_input_with(point.tail, node)
+        else:
+            _replace(graph, point, node)
+            replaced.update({n: node for n in (point.consumer, point.activation) if n is not None})
         created[point.name] = node
     graph.lint()
     gm.recompile()
     return created
+
+
+def _replace(graph: fx.Graph, point: InsertionPoint, node: fx.Node) -> None:
+    """Let ``node`` stand for the residual add (and the activation after it) and remove them."""
+    last = point.activation or point.consumer
+    last.replace_all_uses_with(node)
+    if point.activation is not None:
+        graph.erase_node(point.activation)
+    graph.erase_node(point.consumer)

@@ -309,3 +309,27 @@ def is_regularizer(node: fx.Node, module: Optional[nn.Module]) -> bool:
         return isinstance(module, REGULARIZER_TYPES)
     return node.op == "call_function" and target_name(node.target) in ("dropout", "stochastic_depth", "drop_path")
 
+
+_OUT_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.silu: "silu"}
+
+
+def residual_activation(add: fx.Node, module_of: Any) -> Optional[str]:
+    """The activation applied to ``add``'s result when that activation is the add's only reader:
+    ``"relu"`` or ``"silu"`` (nn.ReLU / nn.SiLU modules, their functions and methods), else None.
+
+    ``module_of(node)`` returns the module a ``call_module`` node calls.
+    """
+    if len(add.users) != 1:
+        return None
+    (act,) = add.users
+    if not act.args or act.args[0] is not add or len(act.args) > 1 or set(act.kwargs) - {"inplace"}:
+        return None
+    if act.op == "call_module":
+        m = module_of(act)
+        return "relu" if type(m) is nn.ReLU else "silu" if type(m) is nn.SiLU else None
+    if act.op == "call_function":
+        return _OUT_ACT_FUNCTIONS.get(act.target)
+    if act.op == "call_method" and act.target in ("relu", "relu_"):
+        return "relu"
+    return None
+

@@ -6,10 +6,13 @@
    the options filter the residual ones;
 3. :mod:`se_inject.blocks` cuts each residual add's block out of its scope's graph, with a copying
    identity where SE goes;
-4. :mod:`se_inject.verify` checks the blocks of scopes whose traced graph did not reproduce their
-   module;
-5. :func:`install` swaps SE blocks in, and the rewritten blocks into the model, in place, so the
-   model keeps its class and every original state_dict key.
+4. one eager forward records how the model calls each block; :mod:`se_inject.signature` gives
+   each rewritten block its module's call signature;
+5. :mod:`se_inject.verify` checks the blocks of scopes whose traced graph did not reproduce their
+   module, and the blocks called with more than their input;
+6. :func:`install` builds the SE blocks and the final GraphModules from the target model's own
+   blocks, then swaps them in (undoing the swap if it fails half way), so the model keeps its
+   class and every original state_dict key.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ import fnmatch
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .blocks import BlockRewrite, Candidate, build_blocks, skip_name
-from .capture import outputs_match
+from .capture import Call, outputs_match, recording
 from .errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
 from .options import SEOptions
 from .plan import Site, SitePlan, Skip
 from .scopes import Scope, runnable_scopes
+from .signature import mirror_signature
 from .sites import SkippedAdd, classify_adds
-from .tracer import copy_hooks
+from .block_module import graph_module_like
 from .utils import join_path, warn
 from .verify import verify_blocks
 
@@ -83,20 +87,53 @@ def _refuse(rw: BlockRewrite, problem: str, plan: SitePlan, strict: bool) -> Non
     if strict:
         raise VerificationError(message + " Exclude it with exclude=[...] or pass strict=False.")
     warn(message, RefusedModuleWarning)
-    for _, cand in rw.placements:
-        plan.skipped.append(Skip(cand.name, "unverified", problem))
+    for placement in rw.placements:
+        plan.skipped.append(Skip(placement.candidate.name, "unverified", problem))
 
 
 def _add_sites(plan: SitePlan, verified: list[BlockRewrite], candidates: list[Candidate]) -> None:
     """Record the verified sites in the plan, in the order their adds were found."""
     order = {id(c): i for i, c in enumerate(candidates)}
-    placed = sorted(((order[id(cand)], rw, name, cand) for rw in verified for name, cand in rw.placements),
+    placed = sorted(((order[id(p.candidate)], rw, p.name, p.candidate) for rw in verified for p in rw.placements),
                     key=lambda t: t[0])
     for _, rw, name, cand in placed:
         v = cand.verdict
         plan.sites.append(Site(name=join_path(rw.path, name), block=rw.path, channels=v.channels,
                                hidden=plan.options.hidden(v.channels), shape=v.shape,
                                shortcut=" > ".join(v.shortcut_ops) or "identity", add=v.add.name))
+
+
+def _keep_signatures(rewrites: list[BlockRewrite], calls: dict[int, Call], plan: SitePlan) -> list[BlockRewrite]:
+    """Give each rewritten block its module's signature; pass frozen arguments on where an
+    enclosing rewritten block calls it. Blocks that cannot keep their signature are skipped."""
+    kept, frozen = [], {}
+    for rw in rewrites:
+        if rw.input_node is None:  # a scope root: its graph was traced with its own signature
+            kept.append(rw)
+            continue
+        mirrored = mirror_signature(rw.gm, rw.module, calls.get(id(rw.module)), rw.path)
+        if mirrored.problem is None:
+            kept.append(rw)
+            frozen[rw.path] = mirrored.frozen
+            continue
+        for placement in rw.placements:
+            plan.skipped.append(Skip(placement.candidate.name, "untraceable-block",
+                                     f"block {rw.path}: {mirrored.problem}"))
+    for rw in kept:
+        changed = False
+        for node in rw.gm.graph.nodes:
+            inner = join_path(rw.path, str(node.target)) if node.op == "call_module" else None
+            if frozen.get(inner):
+                node.kwargs = {**node.kwargs, **frozen[inner]}
+                changed = True
+        if changed:
+            rw.gm.recompile()
+    return kept
+
+
+def _needs_verifying(rw: BlockRewrite, call: Any) -> bool:
+    extra_args = call is not None and (len(call.args) > 1 or bool(call.kwargs))
+    return not rw.scope.faithful or extra_args
 
 
 def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...], strict: bool
@@ -106,16 +143,18 @@ def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...
     ``model`` must be in eval mode, without hooks (see :func:`se_inject.api.inject`).
     """
     scopes, untraceable, traced_output = runnable_scopes(model, example_inputs)
-    if scopes[0].path == "":  # the traced model must reproduce the model itself
-        with torch.no_grad():
-            scopes[0].faithful = outputs_match(model(*example_inputs), traced_output) is None
     shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
     plan = SitePlan(type(model).__name__, shapes, options, untraceable=untraceable)
     candidates = _candidates(scopes, options, plan)
     rewrites = build_blocks(candidates, lambda cand, reason, detail: plan.skipped.append(
-        Skip(cand.name, reason, detail)))
-    # Scopes whose traced graph did not reproduce their module: verify each block on its own.
-    problems = verify_blocks(model, [rw for rw in rewrites if not rw.scope.faithful], example_inputs)
+        Skip(cand.name, reason, detail)), fuse=options.fuse_residual)
+    with recording((rw.module for rw in rewrites), outputs=False, clone=False) as calls, torch.no_grad():
+        output = model(*example_inputs)
+    if scopes[0].path == "":  # the traced model must reproduce the model itself
+        scopes[0].faithful = outputs_match(output, traced_output) is None
+    rewrites = _keep_signatures(rewrites, calls, plan)
+    problems = verify_blocks(model, [rw for rw in rewrites if _needs_verifying(rw, calls.get(id(rw.module)))],
+                             example_inputs)
     verified = []
     for rw in rewrites:
         if rw.path in problems:
@@ -126,30 +165,49 @@ def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...
     return plan, verified
 
 
-def install(model: nn.Module, rewrites: list[BlockRewrite], options: SEOptions,
-            training: dict[int, bool]) -> nn.Module:
-    """Swap the SE blocks in, then the rewritten blocks into the model (parents first).
-
-    ``training`` holds each module's training flag (by ``id``), which the new blocks take over.
-    Returns the model, or the root's rewritten GraphModule when the root itself was rewritten.
-    """
+def _new_blocks(target: nn.Module, rewrites: list[BlockRewrite], options: SEOptions) -> dict[str, fx.GraphModule]:
+    """The final GraphModule of each rewritten block, built from ``target``'s own block (its
+    parameters, buffers, hooks and training flag) with new SE blocks; ``target`` is not touched."""
+    built = {}
     for rw in rewrites:
-        mode = training.get(id(rw.module), False)
-        param = next((p for p in rw.module.parameters() if p.is_floating_point()), None)
-        for name, cand in rw.placements:
-            v = cand.verdict
+        block = target.get_submodule(rw.path) if rw.path else target
+        param = next((p for p in block.parameters() if p.is_floating_point()), None)
+        se_blocks = {}
+        for p in rw.placements:
+            v = p.candidate.verdict
+            residual = (p.fused, p.add_in_place) if p.fused is not None else None
             se = options.make_block(v.channels, len(v.shape) - 2, device=param.device if param is not None else None,
-                                    dtype=v.dtype)
-            setattr(rw.gm, name, se.train(mode))
-        rw.gm.training = mode
-        copy_hooks(rw.module, rw.gm)
-    for rw in sorted(rewrites, key=lambda r: (r.path.count(".") + bool(r.path))):
-        if rw.path == "":
-            warn(f"{type(model).__name__}'s own forward holds a residual add, so the returned model is a "
-                 f"GraphModule: its state_dict is unchanged but methods of {type(model).__name__} are gone.",
-                 GraphModuleRootWarning)
-            model = rw.gm
-            continue
-        parent_path, _, child = rw.path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, rw.gm)
+                                    dtype=v.dtype, residual=residual)
+            se_blocks[p.name] = se.train(block.training)
+        built[rw.path] = graph_module_like(block, rw.gm.graph, extra=se_blocks)
+    return built
+
+
+def install(target: nn.Module, rewrites: list[BlockRewrite], options: SEOptions) -> nn.Module:
+    """Swap the rewritten blocks, with their SE blocks, into ``target`` (parents first).
+
+    Everything is built before the first change to ``target``; if a swap fails (a module
+    registration hook raises), the swaps already made are undone. Returns ``target``, or the
+    root's rewritten GraphModule when the root itself was rewritten.
+    """
+    built = _new_blocks(target, rewrites, options)
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    model = target
+    try:
+        for path in sorted(built, key=lambda p: (p.count(".") + bool(p), p)):
+            if path == "":
+                model = built[path]
+                continue
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            done.append((parent, child, parent._modules[child]))
+            setattr(parent, child, built[path])
+    except BaseException:
+        for parent, child, original in reversed(done):
+            parent._modules[child] = original
+        raise
+    if "" in built:
+        warn(f"{type(target).__name__}'s own forward holds a residual add, so the returned model is a "
+             f"GraphModule: its state_dict is unchanged but methods of {type(target).__name__} are gone.",
+             GraphModuleRootWarning)
     return model

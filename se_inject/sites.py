@@ -221,4 +221,12 @@ def classify_adds(gm: fx.GraphModule, *, batch_size: Optional[int] = None) -> li
     """
     g = GraphIndex(gm)
     axes = ChannelAxes(g)
-    return [_classify(g, axes, n, batch_size) for n in g.nodes if ops.add_operands(n) is not None]
+    verdicts: list[Verdict] = []
+    for n in g.nodes:
+        if ops.add_operands(n) is not None:
+            verdicts.append(_classify(g, axes, n, batch_size))
+        elif isinstance(g.module(n), ops.ATTENTION_TYPES) and len(n.args) == 2:  # SE that does its add
+            verdicts.append(SkippedAdd(n, "has-attention", f"{type(g.module(n)).__name__} at {n.target}, "
+                                                           f"which does the residual add itself",
+                                       tuple(_stack_keys(n))))
+    return verdicts
