@@ -29,7 +29,7 @@ from .options import SEOptions
 from .plan import SKIP_REASONS, Injection, Site, SitePlan, Skip, Untraceable
 from .recipe import load, save
 from .report import Report, build_report
-from .se_block import SEBlock, se_hidden_channels
+from .se_block import KERNELS, SEBlock, SEResidual, se_hidden_channels, set_kernels
 from .utils import version as _version
 
 __version__ = _version()
@@ -39,7 +39,7 @@ __all__ = [
     "apply", "inject", "find_sites", "default_example_inputs", "SEOptions", "Injection", "SitePlan",
     "Site", "Skip", "Untraceable", "SKIP_REASONS",
     # the block
-    "SEBlock", "se_hidden_channels",
+    "SEBlock", "SEResidual", "se_hidden_channels", "set_kernels", "KERNELS",
     # reporting and files
     "Report", "build_report", "save", "load", "read_state_dict", "load_checkpoint",
     # errors and warnings

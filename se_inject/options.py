@@ -8,6 +8,7 @@ recipe's JSON (:meth:`SEOptions.to_dict` / :meth:`SEOptions.from_dict`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import fnmatch
@@ -16,10 +17,12 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, Type, TypeVar, Union
 
+import torch
 from torch import nn
 
 from .errors import OptionError
-from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, resolve_layer, se_hidden_channels
+from .se_block import ACT_LAYERS, GATE_LAYERS, KERNELS, SEBlock, SEResidual, resolve_layer, se_hidden_channels
+from .utils import describe_error
 
 __all__ = ["SEOptions", "LayerSpec", "takes_options", "option_names"]
 
@@ -61,20 +64,29 @@ class SEOptions:
     exclude: tuple[str, ...] = _option((), "glob patterns on block paths: matching blocks get no SE.",
                                        action="append", metavar="PATTERN", note="repeatable")
     min_channels: int = _option(1, "blocks with fewer channels at the add get no SE.", metavar="N", type=int)
+    fuse_residual: bool = _option(
+        True, "let each SE block right before a residual add do the add, and the activation that reads only "
+              "the add, itself (se(branch, shortcut)): one fused pass on CUDA, the same ops elsewhere. False "
+              "keeps SE -> add -> activation as separate nodes.", action=argparse.BooleanOptionalAction)
+    kernels: str = _option("auto", "how SE blocks run: 'auto' (the fused Triton op on CUDA in eager mode, "
+                                   "plain torch ops elsewhere and under torch.compile), 'plain' (always torch ops, "
+                                   "for debugging and comparisons), 'fused' (the fused op under torch.compile too); "
+                                   "se_inject.set_kernels(model, ...) changes it later.",
+                           metavar="MODE", choices=list(KERNELS))
 
     def __post_init__(self) -> None:
         for name in ("reduction", "min_channels") + (("rd_divisor",) if self.rd_divisor is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.identity_init, bool):
-            raise OptionError(f"identity_init must be True or False, got {self.identity_init!r}")
+        for name in ("identity_init", "fuse_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.kernels not in KERNELS:
+            raise OptionError(f"kernels must be one of {list(KERNELS)}, got {self.kernels!r}")
         object.__setattr__(self, "include", None if self.include is None else _patterns("include", self.include))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
-        resolve_layer(self.act_layer, ACT_LAYERS, "act_layer")
-        gate = resolve_layer(self.gate_layer, GATE_LAYERS, "gate_layer")
-        if self.identity_init:
-            SEBlock(8, rd_channels=2, gate_layer=gate).init_identity_()  # raises for a bad gate
+        _check_layers(self)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -112,10 +124,14 @@ class SEOptions:
         """Hidden width of the SE block for ``channels`` channels."""
         return se_hidden_channels(channels, self.reduction, self.rd_divisor)
 
-    def make_block(self, channels: int, spatial_dims: int, *, device: Any = None, dtype: Any = None) -> SEBlock:
-        """A new SE block for a site with ``channels`` channels."""
-        block = SEBlock(channels, rd_channels=self.hidden(channels), act_layer=self.act_layer,
-                        gate_layer=self.gate_layer, spatial_dims=spatial_dims, device=device, dtype=dtype)
+    def make_block(self, channels: int, spatial_dims: int, *, device: Any = None, dtype: Any = None,
+                   residual: Optional[tuple[str, bool]] = None) -> SEBlock:
+        """A new SE block for a site with ``channels`` channels; with ``residual`` (the activation
+        after the add, whether the add was in place) an :class:`SEResidual` that does the add."""
+        kwargs = dict(rd_channels=self.hidden(channels), act_layer=self.act_layer, gate_layer=self.gate_layer,
+                      spatial_dims=spatial_dims, device=device, dtype=dtype, kernels=self.kernels)
+        block = (SEBlock(channels, **kwargs) if residual is None
+                 else SEResidual(channels, out_act=residual[0], add_in_place=residual[1], **kwargs))
         return block.init_identity_() if self.identity_init else block
 
     def selects(self, block: str) -> bool:
@@ -123,6 +139,33 @@ class SEOptions:
         if self.include is not None and not any(fnmatch.fnmatchcase(block, p) for p in self.include):
             return False
         return not any(fnmatch.fnmatchcase(block, p) for p in self.exclude)
+
+
+def _check_layers(options: SEOptions) -> None:
+    """Build and run small SE blocks with the options' layers, so that a class that is not an
+    activation or a gate (``act_layer=nn.Conv2d``) is refused before any analysis, and identity
+    init is checked for exactness at odd and even hidden widths."""
+    act = resolve_layer(options.act_layer, ACT_LAYERS, "act_layer")
+    gate = resolve_layer(options.gate_layer, GATE_LAYERS, "gate_layer")
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        for width in (1, 2, 3) if options.identity_init else (2,):
+            _probe(act, gate, width, options.identity_init)
+
+
+def _probe(act: type, gate: type, width: int, identity_init: bool) -> None:
+    """Build and run one small SE block; raise an OptionError naming the layers if that fails."""
+    try:
+        block = SEBlock(8, rd_channels=width, act_layer=act, gate_layer=gate)
+        out = block(torch.randn(2, 8, 3, 3))
+    except Exception as e:
+        raise OptionError(f"act_layer={act.__name__} / gate_layer={gate.__name__} cannot make an SE block: "
+                          f"{describe_error(e)}; pass activation and gate classes (or names) that map a "
+                          f"tensor to one of the same shape") from None
+    if out.shape != (2, 8, 3, 3):
+        raise OptionError(f"act_layer={act.__name__} / gate_layer={gate.__name__} change the shape of the "
+                          f"excitation; pass elementwise activation and gate classes")
+    if identity_init:
+        block.init_identity_()  # raises for a gate with gate(0) != 0.5 or an inexact identity
 
 
 def option_names() -> list[str]:

@@ -7,20 +7,28 @@ small MLP written as two 1x1 convolutions with bias (``fc1``: C -> hidden, ``act
 hidden -> C, ``gate``), and reweights the channels with the gate. Submodule names and parameter
 shapes are those of timm's ``SEModule``, so an SE block inserted at ``layer1.0.se`` has the same
 state_dict keys and shapes as timm's hand-written SE-ResNets.
+
+Where se_inject puts the block right before a residual add, it uses :class:`SEResidual`, the same
+block that also does the add and the activation that reads only the add: ``out_act(SE(x) +
+shortcut)``. On CUDA that whole tail runs as one fused op (:mod:`se_inject.fused`); elsewhere,
+under TorchScript and when fx traces the block, it runs as plain torch ops with the same results.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Type, Union
+import importlib
+import sys
+from typing import Any, Optional, Type, Union
 
 import torch
 from timm.layers import make_divisible
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from .errors import OptionError
 
-__all__ = ["SEBlock", "se_hidden_channels", "ACT_LAYERS", "GATE_LAYERS", "resolve_layer"]
+__all__ = ["SEBlock", "SEResidual", "se_hidden_channels", "set_kernels", "ACT_LAYERS", "GATE_LAYERS", "KERNELS",
+           "OUT_ACTS", "resolve_layer"]
 
 #: Activations accepted by name for the excitation MLP (``act_layer``).
 ACT_LAYERS: dict[str, Type[nn.Module]] = {
@@ -39,7 +47,29 @@ GATE_LAYERS: dict[str, Type[nn.Module]] = {
     "hard_sigmoid": nn.Hardsigmoid,
 }
 
+#: Activations after the residual add that an SE block can take over (``out_act``).
+OUT_ACTS = ("none", "relu", "silu")
+
+#: How SE blocks run: "auto" runs the fused Triton op on CUDA tensors in eager mode and plain
+#: torch ops elsewhere (under torch.compile too, where inductor fuses them itself); "plain"
+#: always runs torch ops (for debugging and comparisons); "fused" uses the fused op wherever it
+#: supports the tensors, under torch.compile too.
+KERNELS = ("auto", "plain", "fused")
+
 _CONV_BY_DIMS: dict[int, Type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_FUSED: Any = None  # se_inject.fused once loaded (it imports Triton: seconds, so only on CUDA)
+
+
+def _load_fused() -> Any:
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = importlib.import_module("se_inject.fused")
+    return _FUSED
+
+
+def _layer_name(cls: type, registry: dict[str, Type[nn.Module]]) -> Optional[str]:
+    """The registry name of a layer class (the first, for aliases), or None for other classes."""
+    return next((name for name, c in registry.items() if c is cls), None)
 
 
 def resolve_layer(
@@ -65,20 +95,23 @@ def resolve_layer(
                       f"got {layer!r}")
 
 
-def se_hidden_channels(channels: int, reduction: int = 16, divisor: Optional[int] = 8) -> int:
-    """Width of the excitation MLP for ``channels`` input channels.
+def se_hidden_channels(channels: int, reduction: float = 16, divisor: Optional[int] = 8) -> int:
+    """Width of the excitation MLP for ``channels`` input channels, never above ``channels``.
 
     With a ``divisor`` (default 8) this is timm's rule, ``make_divisible(channels / reduction,
     divisor, round_limit=0)``: 64 -> 8, 256 -> 16, 2048 -> 128, never below ``divisor``. With
     ``divisor=None`` it is the paper's and the seed notebook's plain ``max(1, channels //
-    reduction)``.
+    reduction)``. A divisor larger than ``channels`` would make the "reduction" an expansion, so
+    the width is capped at ``channels``.
 
     >>> se_hidden_channels(64), se_hidden_channels(256), se_hidden_channels(64, divisor=None)
     (8, 16, 4)
+    >>> se_hidden_channels(4, 16, divisor=8)
+    4
     """
     if divisor is None:
-        return max(1, channels // reduction)
-    return int(make_divisible(channels / reduction, divisor, round_limit=0.0))
+        return max(1, int(channels // reduction))
+    return min(channels, int(make_divisible(channels / reduction, divisor, round_limit=0.0)))
 
 
 class SEBlock(nn.Module):
@@ -89,12 +122,13 @@ class SEBlock(nn.Module):
         rd_ratio: reduction ratio as a fraction (1/16 gives C/16 hidden channels before rounding).
         rd_channels: hidden width; overrides ``rd_ratio`` and ``rd_divisor`` when given.
         rd_divisor: round the hidden width to a multiple of this (timm's rule); ``None`` gives the
-            paper's ``max(1, int(C * rd_ratio))``.
+            paper's ``max(1, C // r)``. See :func:`se_hidden_channels`.
         act_layer: activation between ``fc1`` and ``fc2`` (a class or a name in ``ACT_LAYERS``).
         gate_layer: gate producing the channel weights (a class or a name in ``GATE_LAYERS``).
         spatial_dims: 1, 2 or 3 for (N, C, L), (N, C, H, W) or (N, C, T, H, W) inputs.
         gain: constant the gate is multiplied by (2.0 after :meth:`init_identity_`); see
             :meth:`set_gain_`.
+        kernels: one of :data:`KERNELS`: how the block runs (see :func:`set_kernels`).
 
     Example:
         >>> se = SEBlock(64)
@@ -116,20 +150,16 @@ class SEBlock(nn.Module):
         gain: float = 1.0,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONV_BY_DIMS:
             raise OptionError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
-        if not rd_channels:
-            if rd_divisor is None:
-                rd_channels = max(1, int(channels * rd_ratio))
-            else:
-                rd_channels = int(make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0))
+        rd_channels = rd_channels or se_hidden_channels(channels, 1.0 / rd_ratio, rd_divisor)
         conv = _CONV_BY_DIMS[spatial_dims]
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
-        self.rd_channels = rd_channels
-        self.spatial_dims = spatial_dims
+        self.channels, self.rd_channels, self.spatial_dims = channels, rd_channels, spatial_dims
+        self.squeeze_dims: list[int] = list(range(2, 2 + spatial_dims))
         self.fc1 = conv(channels, rd_channels, kernel_size=1, bias=True, **dd)
         act_cls = resolve_layer(act_layer, ACT_LAYERS, "act_layer")
         try:
@@ -137,21 +167,80 @@ class SEBlock(nn.Module):
         except TypeError:
             self.act = act_cls()
         self.fc2 = conv(rd_channels, channels, kernel_size=1, bias=True, **dd)
-        self.gate = resolve_layer(gate_layer, GATE_LAYERS, "gate_layer")()
+        gate_cls = resolve_layer(gate_layer, GATE_LAYERS, "gate_layer")
+        self.gate = gate_cls()
+        self.act_name = _layer_name(act_cls, ACT_LAYERS)
+        self.gate_name = _layer_name(gate_cls, GATE_LAYERS)
+        self.out_act = "none"
+        self.add_in_place = False
+        self.kernels = "auto"
+        self.set_kernels_(kernels)
         self.set_gain_(gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, None)
+
+    def _forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fused = self._fused(x, shortcut)
+            if fused is not None:
+                return fused
+        return self._plain(x, shortcut)
+
+    def gate_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel weights, (N, C), that the block multiplies ``x`` by."""
         # Squeeze: one value per (sample, channel). The excitation runs as F.linear on the 1x1
         # conv weights viewed as matrices: the same maths and state_dict as 1x1 convolutions,
         # without the conv dispatch on a (N, C, 1, 1) tensor.
-        s = x.mean(dim=tuple(range(2, x.dim())))
+        s = x.mean(self.squeeze_dims)
         s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
         s = self.act(s)
         s = F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias)
         g = self.gate(s)
-        if "gain" in self._buffers:
+        if self.has_gain:
             g = g * self.gain
-        return x * g.view(g.shape + (1,) * (x.dim() - 2))
+        return g
+
+    def _plain(self, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.Tensor:
+        g = self.gate_of(x)
+        for _ in range(self.spatial_dims):
+            g = g.unsqueeze(-1)
+        y = x * g
+        if shortcut is not None:
+            y = y.add_(shortcut) if self.add_in_place else y + shortcut
+        if self.out_act == "relu":
+            y = torch.relu(y)
+        elif self.out_act == "silu":
+            y = F.silu(y)
+        return y
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The fused op's result, or None where the plain path runs (see :data:`KERNELS`)."""
+        if (self.kernels == "plain" or self.act_name is None or self.gate_name is None
+                or isinstance(x, fx.Proxy) or (self.kernels == "auto" and torch.compiler.is_compiling())):
+            return None
+        if _FUSED is None and not (x.is_cuda and not torch.compiler.is_compiling()):
+            return None
+        fused = _load_fused()
+        if not fused.supports(x, shortcut, self.act_name, self.gate_name, self.out_act):
+            return None
+        out = fused.se_residual(x, shortcut, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                self.gain if self.has_gain else None, self.act_name, self.gate_name, self.out_act)
+        return out.to(x.dtype) if self.add_in_place and out.dtype != x.dtype else out
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "SEBlock":
+        module = super()._apply(fn, recurse)
+        if self.fc1.weight.is_cuda and self.kernels != "plain":
+            _load_fused()  # before torch.compile may need it: it cannot import while tracing
+        return module
+
+    def set_kernels_(self, kernels: str) -> "SEBlock":
+        """Choose how the block runs: one of :data:`KERNELS`."""
+        if kernels not in KERNELS:
+            raise OptionError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
+        self.kernels = kernels
+        return self
 
     def set_gain_(self, gain: float) -> "SEBlock":
         """Set the constant the gate is multiplied by.
@@ -164,7 +253,8 @@ class SEBlock(nn.Module):
         gain = float(gain)
         if "gain" in self._buffers:
             del self._buffers["gain"]
-        if gain == 1.0:
+        self.has_gain = gain != 1.0
+        if not self.has_gain:
             self.__dict__["gain"] = 1.0
         else:
             self.__dict__.pop("gain", None)
@@ -209,7 +299,70 @@ class SEBlock(nn.Module):
             w1[-1] = 0.0
             b1[-1] = 1.0
             b2 -= w2[:, -1].flatten() * self.act(torch.ones((), dtype=b2.dtype, device=b2.device))
-        return self.set_gain_(2.0)
+        self.set_gain_(2.0)
+        self._check_identity()
+        return self
+
+    def _check_identity(self) -> None:
+        """Raise an OptionError when the block is not the identity (an act that is not
+        elementwise, such as Softmax, breaks the unpaired unit of an odd hidden width)."""
+        w = self.fc1.weight
+        if w.device.type == "meta":
+            return
+        x = torch.randn((2, self.channels) + (3,) * self.spatial_dims, device=w.device, dtype=w.dtype,
+                        generator=torch.Generator(device=w.device).manual_seed(0))
+        with torch.no_grad():
+            g = self.gate_of(x)
+        if not torch.allclose(g, torch.ones_like(g), rtol=0, atol=1e-5):
+            raise OptionError(f"identity init is not exact with act_layer={type(self.act).__name__} and a hidden "
+                              f"width of {self.rd_channels} (the gate is off 1 by up to "
+                              f"{float((g - 1).abs().max()):.3g}); use an elementwise activation such as 'relu'")
 
     def extra_repr(self) -> str:
-        return f"gain={float(self.gain)}" if "gain" in self._buffers else ""
+        parts = [f"gain={float(self.gain)}"] if self.has_gain else []
+        parts += [f"out_act={self.out_act!r}"] if self.out_act != "none" else []
+        return ", ".join(parts)
+
+
+class SEResidual(SEBlock):
+    """An SE block that also does the residual add after it, and the activation after the add:
+    ``forward(x, shortcut) = out_act(SE(x) + shortcut)``. Same parameters and state_dict as
+    :class:`SEBlock`; se_inject uses it where SE sits right before the add.
+
+    Args:
+        out_act: the activation after the add, one of :data:`OUT_ACTS`.
+        add_in_place: the add was written in place (``x += shortcut``), so the result keeps x's
+            dtype (under autocast the shortcut may be wider).
+        *args, **kwargs: those of :class:`SEBlock`.
+
+    Example:
+        >>> se = SEResidual(64, out_act="relu")
+        >>> x = torch.randn(2, 64, 8, 8)
+        >>> bool((se(x, x) >= 0).all()), sorted(se.state_dict()) == sorted(SEBlock(64).state_dict())
+        (True, True)
+    """
+
+    def __init__(self, *args: Any, out_act: str = "none", add_in_place: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if out_act not in OUT_ACTS:
+            raise OptionError(f"out_act must be one of {list(OUT_ACTS)}, got {out_act!r}")
+        self.out_act, self.add_in_place = out_act, add_in_place
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self._forward(x, shortcut)
+
+
+def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
+    """Choose how every SE block in ``model`` runs: one of :data:`KERNELS` ("auto", "plain",
+    "fused"). Returns ``model``.
+
+    >>> model = set_kernels(nn.Sequential(SEBlock(8)), "plain")
+    >>> model[0].kernels
+    'plain'
+    """
+    if kernels not in KERNELS:
+        raise OptionError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
+    for m in model.modules():
+        if isinstance(m, SEBlock):
+            m.set_kernels_(kernels)
+    return model
