@@ -23,8 +23,14 @@ __all__ = ["read_state_dict", "load_checkpoint"]
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")
 
 
+def _legacy_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a pre-1.6 ``torch.save`` file (a pickle protocol header)."""
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """Read a state_dict from a ``.safetensors`` file or a torch file.
+    """Read a state_dict from a ``.safetensors`` file or a ``torch.save`` file (zip or legacy).
 
     A torch checkpoint that wraps its state_dict under ``"state_dict"``, ``"model"`` or
     ``"state_dict_ema"`` (timm's and torchvision's training scripts do) is unwrapped.
@@ -38,16 +44,13 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             state: Any = safetensors.torch.load_file(str(path))
-        elif not zipfile.is_zipfile(path):
-            raise CheckpointError(f"checkpoint {path} is neither a .safetensors file nor a torch.save zip "
-                                  f"archive (corrupt, truncated or another format)")
-        else:
+        else:  # zip archives and the legacy (pre-1.6) format; weights_only refuses pickled code
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
     except Exception as e:
         reason = first_line(e) or type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
+        kind = "torch.save file" if zipfile.is_zipfile(path) or _legacy_torch_file(path) else "file"
+        raise CheckpointError(f"cannot read checkpoint {path} as a .safetensors or torch.save file: this {kind} "
+                              f"fails with {type(e).__name__}: {reason[:300]}") from e
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional, Sequence
 import timm
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .api import default_example_inputs, inject
@@ -69,11 +70,21 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="timm model name(s), or a quoted glob such as 'resnet*'")
     _add_options(parser)
-    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+    parser.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
                         help="example input size (default: the model's pretrained_cfg, else 3 224 224)")
     parser.add_argument("--num-classes", type=int, metavar="N",
                         help="build the model with N classes (timm's num_classes)")
@@ -190,12 +201,12 @@ def _convert(name: str, args: argparse.Namespace, err: Console
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SEInjectWarning)
         result = inject(model, example_inputs=inputs, strict=args.strict, **_options(args))
-    if not result.plan.sites:
+    if not result.plan.sites and args.command != "sites":  # the dry run explains why instead
         raise NoResidualAddsError(f"{name} has no residual add that can take an SE block "
                                   f"({result.plan.skip_summary()}); `se-inject sites {name}` lists them")
     for w in caught:
         if not issubclass(w.category, NoResidualAddsWarning):
-            err.print(f"[yellow]warning[/yellow] {name}: {w.message}", soft_wrap=True)
+            err.print(f"[yellow]warning[/yellow] {name}: {escape(str(w.message))}", soft_wrap=True)
     return model, result, inputs, kwargs
 
 
@@ -211,8 +222,8 @@ def _run_one(name: str, args: argparse.Namespace, out: Console, err: Console, se
     if args.command == "convert":
         target = args.out / name if several else args.out
         recipe = save(result, target, model_name=name, model_kwargs=kwargs, overwrite=args.overwrite)
-        err.print(f"saved {name} to {target} ({recipe.name}, model.safetensors); "
-                  f"load it with se_inject.load({str(target)!r})")
+        err.print(escape(f"saved {name} to {target} ({recipe.name}, model.safetensors); "
+                         f"load it with se_inject.load({str(target)!r})"))
     if not args.json and (not several or getattr(args, "details", False) or args.command == "convert"):
         render_report(report, out, show_skipped=getattr(args, "show_skipped", False))
     return report, None
@@ -222,12 +233,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``se-inject`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "convert" and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; pass a directory to save into")
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         models = resolve_models(args.models)
     except UnknownModelError as e:
-        err.print(f"[red]error[/red] {e}")
+        err.print(f"[red]error[/red] {escape(str(e))}")
         return 2
     several = len(models) > 1
     reports: list[Report] = []
@@ -244,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except SEInjectError as e:
                 failures[name] = str(e)
                 if not several:
-                    err.print(f"[red]error[/red] {e}")
+                    err.print(f"[red]error[/red] {escape(str(e))}")
             else:
                 if report is not None:
                     reports.append(report)
@@ -257,6 +270,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif several and reports:
         render_summary(reports, out)
     for name, message in failures.items() if several else ():
-        err.print(f"[red]error[/red] {message}")
+        err.print(f"[red]error[/red] {escape(message)}")
     return 1 if failures else 0
 

@@ -76,6 +76,11 @@ def render_report(report: Report, console: Console, *, show_skipped: bool = Fals
 
 def render_plan(name: str, plan: SitePlan, console: Console) -> None:
     """Draw a dry run: every site with its shortcut, then every skipped add with its reason."""
+    if not plan.sites:
+        console.print(f"{escape(name)}: no SE site ({plan.skip_summary()})")
+        render_skipped(plan.skipped, console, show_paths=True)
+        render_untraceable(plan.untraceable, console)
+        return
     table = _table(f"{name}: {len(plan.sites)} SE sites", [("site", "left"), ("C", "right"),
                                                             ("hidden", "right"), ("map", "right"),
                                                             ("shortcut", "left")])
