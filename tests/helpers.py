@@ -52,7 +52,8 @@ def upstream(node: fx.Node) -> set[fx.Node]:
 def residual_adds_with_se(model: nn.Module, plan: SitePlan) -> Iterator[tuple[str, fx.GraphModule, fx.Node, fx.Node, fx.Node]]:
     """For each site: (site name, block, SE node, branch operand, shortcut operand) after rewriting.
 
-    The add is the first add (in graph order) that reads the SE output through one operand.
+    The add is the first add (in graph order) that reads the SE output through one operand; an SE
+    block that does the residual add itself (``se(branch, shortcut)``) is its own add.
     """
     for site in plan.sites:
         gm = model.get_submodule(site.block) if site.block else model
@@ -60,6 +61,9 @@ def residual_adds_with_se(model: nn.Module, plan: SitePlan) -> Iterator[tuple[st
         local = site.name.rsplit(".", 1)[-1]
         (se_node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == local]
         assert isinstance(gm.get_submodule(local), SEBlock)
+        if len(se_node.args) == 2:
+            yield site.name, gm, se_node, se_node.args[0], se_node.args[1]
+            continue
         for node in gm.graph.nodes:
             operands = add_operands(node)
             if operands and any(isinstance(o, fx.Node) and se_node in upstream(o) for o in operands):
@@ -79,7 +83,8 @@ def assert_shortcuts_untouched(model: nn.Module, plan: SitePlan) -> None:
     """
     checked = 0
     for name, gm, se_node, branch, shortcut in residual_adds_with_se(model, plan):
-        assert se_node in upstream(branch), name
+        fused = len(se_node.args) == 2
+        assert se_node.args[0] is branch if fused else se_node in upstream(branch), name
         shortcut_only = upstream(shortcut) - upstream(branch)
         for n in shortcut_only:
             if n.op == "call_module":

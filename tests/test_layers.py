@@ -14,7 +14,8 @@ from se_inject.graph_index import GraphIndex
 from se_inject.insert_pass import InsertionPoint, free_attribute_name, insert_modules
 from se_inject.scopes import ShapeRecorder, discover_scopes, propagate_shapes, runnable_scopes
 from se_inject.sites import ResidualAdd, classify_adds
-from se_inject.tracer import SETracer, graph_module_like, trace
+from se_inject.block_module import graph_module_like
+from se_inject.tracer import SETracer, trace
 from tests.helpers import ResBlock, upstream
 
 X = torch.randn(2, 3, 16, 16)
@@ -182,6 +183,6 @@ def test_build_blocks_cuts_each_block_out_with_an_identity_before_its_add():
     rewrites = build_blocks(cands, lambda c, reason, detail: skipped.append(reason))
     assert skipped == [] and sorted(rw.path for rw in rewrites) == ["1", "2"]
     for rw in rewrites:
-        assert [name for name, _ in rw.placements] == ["se"]
+        assert [(p.name, p.fused) for p in rw.placements] == [("se", "relu")]
         x = torch.randn(1, 8, 4, 4)
         torch.testing.assert_close(rw.gm(x), rw.module(x))

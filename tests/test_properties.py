@@ -55,7 +55,7 @@ from torch import fx, nn
 import se_inject
 from se_inject import GraphModuleRootWarning, NoResidualAddsWarning, RefusedModuleWarning, SEBlock
 from se_inject.ops import add_operands
-from tests.helpers import count_params, upstream
+from tests.helpers import assert_shortcuts_untouched, count_params, upstream
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,6 +118,7 @@ class Options:
     rd_divisor: Optional[int]
     act_layer: str
     gate_layer: str
+    fuse_residual: bool = True
 
     def hidden(self, channels: int) -> int:
         """The SE width, computed here independently of se_inject (timm's make_divisible with
@@ -125,11 +126,11 @@ class Options:
         if self.rd_divisor is None:
             return max(1, channels // self.reduction)
         d = self.rd_divisor
-        return max(d, int(channels / self.reduction + d / 2) // d * d)
+        return min(channels, max(d, int(channels / self.reduction + d / 2) // d * d))
 
     def kwargs(self) -> dict[str, Any]:
-        return {"reduction": self.reduction, "rd_divisor": self.rd_divisor,
-                "act_layer": self.act_layer, "gate_layer": self.gate_layer}
+        return {"reduction": self.reduction, "rd_divisor": self.rd_divisor, "act_layer": self.act_layer,
+                "gate_layer": self.gate_layer, "fuse_residual": self.fuse_residual}
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ def net_specs(draw, max_items: int = 5) -> NetSpec:
         rd_divisor=draw(st.sampled_from((8, 8, 4, None))),
         act_layer=draw(st.sampled_from(("relu", "relu", "silu"))),
         gate_layer=draw(st.sampled_from(("sigmoid", "sigmoid", "hard_sigmoid"))),
+        fuse_residual=draw(st.booleans()),
     )
     return NetSpec(dims, spatial, draw(st.integers(1, 4)), width, tuple(chain), options,
                    draw(st.integers(0, 2**31 - 1)), draw(st.sampled_from(("train", "eval"))))
@@ -623,6 +625,24 @@ def check_graphs(original: nn.Module, injected: nn.Module, plan: se_inject.SiteP
                 assert shortcut in upstream(tail)  # the fork itself
 
 
+def check_fused_graphs(original: nn.Module, injected: nn.Module, plan: se_inject.SitePlan) -> None:
+    """Property (2) where SE blocks do their add: each such SE reads the branch's tail and the
+    shortcut, stands for exactly one add of the original block, and no SE sits on a path only the
+    shortcut takes."""
+    assert_shortcuts_untouched(injected, plan)
+    for block in sorted({s.block for s in plan.sites}):
+        gm = injected.get_submodule(block) if block else injected
+        source = original.get_submodule(block) if block else original
+        inner = {p for p in {s.block for s in plan.sites} if p != block and (not block or p.startswith(block + "."))}
+        reference = _LeafTracer({p[len(block) + 1:] if block else p for p in inner}).trace(source)
+        fused = [n for n in gm.graph.nodes if _is_se(gm, n) and len(n.args) == 2]
+        adds = lambda graph: sum(add_operands(n) is not None for n in graph.nodes)  # noqa: E731
+        assert adds(gm.graph) + len(fused) == adds(reference), f"{block or '<root>'}: adds lost or gained"
+        for n in fused:  # the branch's tail does not feed the shortcut, which is read unchanged
+            tail, shortcut = n.args
+            assert tail not in upstream(shortcut), f"{block or '<root>'}: {n.name} adds its branch to itself"
+
+
 # -- the properties -------------------------------------------------------------------------------
 
 def _inject(model: nn.Module, x: torch.Tensor, spec: NetSpec) -> tuple[se_inject.Injection, list]:
@@ -663,14 +683,14 @@ EXAMPLES = [
         Item("repvgg", "root", 12, 12, 1, variant="kxk_first"),
         Item("merge", "root", 12, 12, 1, variant="plus"),
         Item("bias", "module", 12, 12, 1, variant="param_rev"),
-    ), Options(4, None, "silu", "hard_sigmoid"), 2, "eval"),
+    ), Options(4, None, "silu", "hard_sigmoid", fuse_residual=False), 2, "eval"),
     NetSpec(1, (16,), 1, 4, (
         Item("steps", "module", 4, 8, 2, (_res(4, 4, 1, "basic", "identity", "plus", mid=4),
                                           _res(4, 8, 2, "preact", "proj", "add_", post="none"))),
         Item("bias", "module", 8, 8, 1, variant="torch.add"),
         Item("bias", "root", 8, 8, 1, variant="const"),
         Item("linear", "module", 8, 8, 1, variant="iadd"),
-    ), Options(2, None, "relu", "sigmoid"), 3, "train"),
+    ), Options(2, None, "relu", "sigmoid", fuse_residual=False), 3, "train"),
     # Found by the long run: `out.add_(shortcut)` behind a trailing Identity in the root's forward,
     # then `out + 1.0`, which reads the in-place add's result through the regulariser's output.
     NetSpec(1, (4,), 1, 2, (
@@ -739,8 +759,11 @@ def test_generated_residual_nets(spec: NetSpec) -> None:
     assert collections.Counter(s.reason for s in again.skipped) == collections.Counter(
         [s.reason for s in plan.skipped] + ["has-attention"] * len(plan.sites))
 
-    # (2) the graphs: original + SE, on branches only.
-    check_graphs(model, new, plan)
+    # (2) the graphs: original + SE, on branches only (SE doing its add: see check_fused_graphs).
+    if spec.options.fuse_residual:
+        check_fused_graphs(model, new, plan)
+    else:
+        check_graphs(model, new, plan)
 
     # (3) parameters: the delta is the SE blocks', and the state_dict gains exactly their keys.
     assert count_params(new) - count_params(model) == sum(
@@ -776,11 +799,13 @@ def test_generated_residual_nets(spec: NetSpec) -> None:
     gate_grads: dict[str, torch.Tensor] = {}
 
     def record_gate_grad(name: str):
-        """What reaches the gate: sum over space of (SE input * gradient of the SE output)."""
+        """What reaches the gate: sum over space of (SE input * gradient of the product x * g);
+        an SE block that does its add and a ReLU passes the gradient on where its output is > 0."""
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0].detach().clone()
+            live = (output > 0).detach() if getattr(module, "out_act", "none") == "relu" else 1
             output.register_hook(lambda g: gate_grads.__setitem__(
-                name, (x * g).sum(dim=tuple(range(2, x.dim())))))
+                name, (x * g * live).sum(dim=tuple(range(2, x.dim())))))
         return hook
 
     handles = []

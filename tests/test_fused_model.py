@@ -1,0 +1,110 @@
+"""SE blocks running the fused op inside converted models: the same outputs and gradients as the
+plain path, with the add (in place or not) and the activation the block took over.
+
+The Triton kernels run on CPU tensors through Triton's interpreter, in a subprocess started with
+TRITON_INTERPRET=1 (it must be set before Triton decorates the kernels); the parent compares.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import se_inject
+from se_inject import SEBlock, SEResidual
+from tests.helpers import randomize_norms, small_resnet
+from tests.test_fused import python
+
+SPELLINGS = ("plus", "iadd", "add_")
+
+
+def _convert(spelling: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = randomize_norms(small_resnet(spelling=spelling))
+    x = torch.randn(2, 3, 8, 8)
+    return se_inject.apply(model, example_inputs=x[:1]), x
+
+
+def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if ".se." in n}
+
+
+def _fused_worker(path: str) -> None:
+    """In the TRITON_INTERPRET=1 subprocess: each spelling, fused, with the op's calls counted."""
+    from se_inject import se_block
+
+    fused = se_block._load_fused()
+    assert fused.INTERPRETED
+    calls = {"n": 0}
+    real = fused.se_residual
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    fused.se_residual = counted
+    results = {}
+    for spelling in SPELLINGS:
+        model, x = _convert(spelling)
+        se_inject.set_kernels(model.train(), "fused")
+        calls["n"] = 0
+        results[spelling] = (*_run(model, x), calls["n"])
+    torch.save(results, path)
+
+
+@pytest.fixture(scope="module")
+def fused_results(tmp_path_factory) -> dict:
+    pytest.importorskip("triton")
+    path = tmp_path_factory.mktemp("fused-model") / "results.pt"
+    done = python(f"from tests.test_fused_model import _fused_worker; _fused_worker({str(path)!r})",
+                  TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr[-6000:]
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_fused_se_in_a_model_matches_the_plain_path(fused_results, spelling):
+    model, x = _convert(spelling)
+    se_inject.set_kernels(model.train(), "plain")
+    out, grads = _run(model, x)
+    fused_out, fused_grads, calls = fused_results[spelling]
+    assert calls == 3  # every SE block ran the fused op
+    torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == grads.keys() and len(grads) == 12
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_se_takes_over_the_add_and_the_relu(spelling):
+    """fx records ``out += x`` as an out-of-place add; ``out.add_(x); relu(out)`` adds in place and
+    its ReLU reads ``out``, not the add, so that ReLU stays (reading what SE returns)."""
+    model, _ = _convert(spelling)
+    for i in (1, 2, 3):
+        se, graph = model[i].se, model[i].graph
+        assert type(se) is SEResidual and se.add_in_place is (spelling == "add_")
+        assert se.out_act == ("none" if spelling == "add_" else "relu")
+        node = next(n for n in graph.nodes if n.target == "se")
+        branch, shortcut = node.args
+        assert branch.target == "bn2" and (shortcut.op == "placeholder" or shortcut.target == "downsample.1")
+        relus_after = [n for n in graph.nodes if n.op == "call_module" and n.target == "relu" and n.args[0] is node]
+        assert len(relus_after) == (1 if spelling == "add_" else 0)
+
+
+def test_without_fusion_se_stays_before_the_add():
+    torch.manual_seed(0)
+    model = se_inject.apply(small_resnet(), example_inputs=torch.randn(1, 3, 8, 8), fuse_residual=False)
+    assert type(model[1].se) is SEBlock
+    assert "self.se(" in model[1].code and " + " in model[1].code
+
+
+def test_plain_kernels_are_the_default_off_cuda():
+    model, x = _convert("plus")
+    assert {m.kernels for m in model.modules() if isinstance(m, SEBlock)} == {"auto"}
+    with torch.no_grad():
+        auto = model.eval()(x)
+        plain = se_inject.set_kernels(model, "plain")(x)
+    assert torch.equal(auto, plain)  # on CPU "auto" runs exactly the plain torch ops
