@@ -70,26 +70,40 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
+#: The variants a run can compare: se_inject's model with its default kernels ("auto": the fused op
+#: on CUDA in eager mode, plain torch ops under torch.compile), forced to plain torch ops, or to
+#: the fused op under torch.compile too; and timm's hand-written SE model where timm has one.
+VARIANTS = ("original", "se_inject", "se_inject plain", "se_inject fused", "timm SE")
+_KERNELS = {"se_inject": "auto", "se_inject plain": "plain", "se_inject fused": "fused"}
+
+
 def build_variants(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
-    """original / se_inject / timm SE (when timm has one), same init seed, in eval mode."""
+    """The variants ``args.variants`` asks for (timm SE only where timm has one), same init seed."""
     torch.manual_seed(0)
     original = timm.create_model(name, pretrained=False)
     example = torch.randn(1, 3, args.img_size, args.img_size)
-    variants = {"original": original, "se_inject": se_inject.apply(original, example_inputs=example)}
-    if name in NATIVE_SE:
-        variants["timm SE"] = timm.create_model(NATIVE_SE[name], pretrained=False)
+    converted = se_inject.apply(original, example_inputs=example) if set(_KERNELS) & set(args.variants) else None
+    variants: dict[str, torch.nn.Module] = {}
+    for variant in args.variants:
+        if variant == "original":
+            variants[variant] = original
+        elif variant in _KERNELS:
+            copy = converted if variant == "se_inject" else se_inject.apply(original, example_inputs=example)
+            variants[variant] = se_inject.set_kernels(copy, _KERNELS[variant])
+        elif variant == "timm SE" and name in NATIVE_SE:
+            variants[variant] = timm.create_model(NATIVE_SE[name], pretrained=False)
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
     return {k: m.to(device=device, memory_format=memory) for k, m in variants.items()}
 
 
 def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
-              compiled: bool) -> Callable[[], Any]:
+              compiled: bool, compile_mode: Optional[str] = None) -> Callable[[], Any]:
     """A closure running one inference or one training step."""
     autocast = dtype != torch.float32
     device_type = x.device.type
     if mode == "infer":
         model.eval()
-        fn = torch.compile(model) if compiled else model
+        fn = torch.compile(model, mode=compile_mode) if compiled else model
 
         def step() -> Any:
             with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
@@ -97,7 +111,7 @@ def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tenso
         return step
 
     model.train()
-    fn = torch.compile(model) if compiled else model
+    fn = torch.compile(model, mode=compile_mode) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -139,12 +153,22 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, conso
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    if not args.freeze:
+        return _bench_modes(name, args, variants, x, y, dtype, device, console)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        return _bench_modes(name, args, variants, x, y, dtype, device, console)
+
+
+def _bench_modes(name: str, args: argparse.Namespace, variants: dict, x: torch.Tensor, y: torch.Tensor,
+                 dtype: torch.dtype, device: torch.device, console: Console) -> list[dict]:
     rows = []
     for mode in args.modes:
         for compiled in args.compile:
             steps: dict[str, Callable[[], Any]] = {}
             for vname, model in variants.items():
-                steps[vname] = make_step(model, mode, x, y, dtype, compiled)
+                steps[vname] = make_step(model, mode, x, y, dtype, compiled, args.compile_mode)
                 started = time.perf_counter()
                 for _ in range(args.warmup):  # compiles on the first call
                     steps[vname]()
@@ -171,21 +195,21 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per (model, mode, compiled): SE overheads and se_inject vs timm SE, from paired rounds."""
+    """Per (model, mode, compiled, SE variant): its overhead over the original and, where timm has
+    a hand-written SE model, how it compares with it; all from paired rounds."""
     out = []
     keys = sorted({(r["model"], r["mode"], r["compiled"]) for r in rows}, key=str)
     for model, mode, compiled in keys:
         group = {r["variant"]: r["rounds_ms"] for r in rows
                  if (r["model"], r["mode"], r["compiled"]) == (model, mode, compiled)}
-        q1, med, q3 = _paired(group["se_inject"], group["original"])
-        entry: dict[str, Any] = {"model": model, "mode": mode, "compiled": compiled,
-                                 "se_inject_overhead": med - 1, "se_inject_overhead_iqr": [q1 - 1, q3 - 1]}
-        if "timm SE" in group:
-            q1, med, q3 = _paired(group["timm SE"], group["original"])
-            entry["timm_se_overhead"], entry["timm_se_overhead_iqr"] = med - 1, [q1 - 1, q3 - 1]
-            q1, med, q3 = _paired(group["timm SE"], group["se_inject"])
-            entry["se_inject_vs_timm"], entry["se_inject_vs_timm_iqr"] = med, [q1, q3]
-        out.append(entry)
+        for variant in (v for v in VARIANTS if v in group and v != "original"):
+            q1, med, q3 = _paired(group[variant], group["original"])
+            entry: dict[str, Any] = {"model": model, "mode": mode, "compiled": compiled, "variant": variant,
+                                     "overhead": med - 1, "overhead_iqr": [q1 - 1, q3 - 1]}
+            if "timm SE" in group and variant != "timm SE":
+                q1, med, q3 = _paired(group["timm SE"], group[variant])
+                entry["vs_timm"], entry["vs_timm_iqr"] = med, [q1, q3]
+            out.append(entry)
     return out
 
 
@@ -199,17 +223,13 @@ def render(rows: list[dict], summary: list[dict], console: Console, title: str) 
               f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}–{r['q3_ms']:.2f}") for r in rows]
     md = table(console, title, ("model", "mode", "", "variant", "median ms", "IQR ms"), times,
                align="llllrr", heading=f"### {title}")
-    ratios_rows = []
-    for s in summary:
-        ratios_rows.append((
-            s["model"], s["mode"], "compiled" if s["compiled"] else "eager",
-            _pct(s["se_inject_overhead"], s["se_inject_overhead_iqr"]),
-            _pct(s["timm_se_overhead"], s["timm_se_overhead_iqr"]) if "timm_se_overhead" in s else "–",
-            f"{s['se_inject_vs_timm']:.3f} ({s['se_inject_vs_timm_iqr'][0]:.3f}…{s['se_inject_vs_timm_iqr'][1]:.3f})"
-            if "se_inject_vs_timm" in s else "–"))
+    ratio_rows = [(s["model"], s["mode"], "compiled" if s["compiled"] else "eager", s["variant"],
+                   _pct(s["overhead"], s["overhead_iqr"]),
+                   f"{s['vs_timm']:.3f} ({s['vs_timm_iqr'][0]:.3f}…{s['vs_timm_iqr'][1]:.3f})" if "vs_timm" in s else "–")
+                  for s in summary]
     md += "\n" + table(console, "ratios: median (IQR) over rounds of per-round paired ratios",
-                       ("model", "mode", "", "se_inject overhead", "timm SE overhead",
-                        "se_inject vs timm SE (×, >1 = faster)"), ratios_rows, align="lllrrr")
+                       ("model", "mode", "", "variant", "SE overhead", "vs timm SE (×, >1 = faster)"),
+                       ratio_rows, align="llllrr")
     return md
 
 
@@ -228,6 +248,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                    help="eager, compiled, or both (default both)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["original", "se_inject", "timm SE"],
+                   help="what to compare (default: original, se_inject, timm SE)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--freeze", action="store_true",
+                   help="compiled inference with inductor's freezing (constant-folds weights, folds BN into convs)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--name", default="models", help="results file stem: <out>/<name>-<device>.json/.md")
     args = p.parse_args(argv)
