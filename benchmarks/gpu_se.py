@@ -18,7 +18,8 @@ of ``--budget-s`` is recorded as skipped rather than cut off:
    ``mode="reduce-overhead"`` (CUDA graphs), where kernel launches, not bandwidth, set the cost;
 6. ``freezing``: compiled inference with inductor's freezing, the documented inference recipe.
 
-Without a CUDA device it says so and exits 0.
+Without a CUDA device it says so and exits 0; ``--smoke`` runs every section on the CPU with tiny
+sizes instead (the kernels section under TRITON_INTERPRET=1 only), to check the command itself.
 """
 
 from __future__ import annotations
@@ -66,11 +67,12 @@ SECTIONS: list[tuple[str, float, dict[str, Any]]] = [
 class Run:
     """The run's clock, its JSON-lines log and its output folder."""
 
-    def __init__(self, out: Path, budget_s: float, commit: str) -> None:
-        self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
+    def __init__(self, out: Path, budget_s: float, commit: str, device: str) -> None:
+        self.out, self.budget_s, self.start, self.device = out, budget_s, time.perf_counter(), device
         out.mkdir(parents=True, exist_ok=True)
         self.log = (out / "gpu-se.jsonl").open("a")
-        self.put({"section": "env", "commit": commit, "device": torch.cuda.get_device_name(),
+        name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
+        self.put({"section": "env", "commit": commit, "device": name,
                   **versions(), "triton": _triton_version(), "budget_s": budget_s})
 
     def left(self) -> float:
@@ -106,16 +108,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-12))
 
 
-def check() -> dict[str, Any]:
+def check(device: str = "cuda", name: str = "resnet50", size: int = 224, batch: int = 8) -> dict[str, Any]:
     """The fused path against plain torch ops on a converted resnet50, eager and compiled."""
     import timm
 
     torch.manual_seed(0)
-    model = se_inject.apply(timm.create_model("resnet50", zero_init_last=False),
-                            example_inputs=torch.randn(1, 3, 224, 224)).cuda().to(memory_format=torch.channels_last)
-    x = torch.randn(8, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    model = se_inject.apply(timm.create_model(name, zero_init_last=False), example_inputs=torch.randn(1, 3, size, size))
+    model = model.to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     out: dict[str, Any] = {}
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         for mode in ("plain", "auto"):
             se_inject.set_kernels(model, mode)
             model.train()
@@ -138,18 +140,24 @@ def check() -> dict[str, Any]:
     return out
 
 
+SMOKE = dict(device="cpu", batch_size=1, img_size=32, dtype="fp32", channels_last=False, rounds=1, reps=1,
+             warmup=1, models=["resnet10t"])
+
+
 def bench(run: Run, name: str, settings: dict[str, Any]) -> dict[str, Any]:
-    args = argparse.Namespace(**{**FULL, "compile": [False, True], **settings})
-    device = torch.device("cuda")
+    extra = SMOKE if run.device == "cpu" else {}
+    args = argparse.Namespace(**{**FULL, "compile": [False, True], **settings, **extra})
+    device = torch.device(args.device)
     from rich.console import Console
 
     console = Console()
     rows = [r for model in args.models for r in bench_models.bench_model(model, args, device, console)]
     summary = bench_models.ratios(rows)
-    title = (f"{torch.cuda.get_device_name()} · {name} · batch {args.batch_size} · {args.img_size}px · {args.dtype}"
-             f" · channels_last · torch {torch.__version__}")
+    device_name = bench_models.device_name(device)
+    title = (f"{device_name} · {name} · batch {args.batch_size} · {args.img_size}px · {args.dtype}"
+             f"{' · channels_last' if args.channels_last else ''} · torch {torch.__version__}")
     markdown = bench_models.render(rows, summary, console, title)
-    write_results(f"gpu-{name}", {"device": torch.cuda.get_device_name(), "config": vars(args), "rows": rows,
+    write_results(f"gpu-{name}", {"device": device_name, "config": vars(args), "rows": rows,
                                   "ratios": summary}, markdown, script="gpu_se.py", out=run.out)
     return {"ratios": [{k: v for k, v in s.items() if not k.endswith("_iqr")} for s in summary]}
 
@@ -160,14 +168,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--budget-s", type=float, default=450.0, help="start no section that would end after this")
     p.add_argument("--kernels-budget-s", type=float, default=90.0, help="time for benchmarks/gpu_kernels.py")
     p.add_argument("--commit", default="unknown", help="the se_inject commit measured (recorded)")
+    p.add_argument("--smoke", action="store_true", help="every section on the CPU with tiny sizes")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure (run this on a GPU machine)")
+    if not torch.cuda.is_available() and not args.smoke:
+        print("no CUDA device: nothing to measure (run this on a GPU machine, or pass --smoke)")
         return 0
-    run = Run(args.out, args.budget_s, args.commit)
+    device = "cpu" if args.smoke else "cuda"
+    run = Run(args.out, args.budget_s, args.commit, device)
+    kernels = ["--interpret-smoke"] if args.smoke else []
     run.section("kernels", args.kernels_budget_s, lambda: {"exit": gpu_kernels.main(
-        ["--out", str(args.out / "gpu-kernels.jsonl"), "--budget-s", str(args.kernels_budget_s - 10)])})
-    run.section("check", 40, check)
+        ["--out", str(args.out / "gpu-kernels.jsonl"), "--budget-s", str(args.kernels_budget_s - 10), *kernels])})
+    run.section("check", 40, (lambda: check("cpu", "resnet10t", 32, 2)) if args.smoke else check)
     for name, estimate, settings in SECTIONS:
         run.section(name, estimate, lambda name=name, settings=settings: bench(run, name, settings))
     run.put({"section": "done", "total_s": round(time.perf_counter() - run.start, 1)})

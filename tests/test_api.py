@@ -57,7 +57,8 @@ def test_options_round_trip_through_their_json_form():
                         exclude=["layer4.0"], min_channels=32)
     data = options.to_dict()
     assert data == {"reduction": 8, "rd_divisor": None, "act_layer": "silu", "gate_layer": "sigmoid",
-                    "identity_init": True, "include": ["layer4.*"], "exclude": ["layer4.0"], "min_channels": 32}
+                    "identity_init": True, "include": ["layer4.*"], "exclude": ["layer4.0"], "min_channels": 32,
+                    "fuse_residual": True, "kernels": "auto"}
     assert SEOptions.from_dict(data) == options
     assert options.replace(reduction=4).reduction == 4
     with pytest.raises(OptionError, match="act_layer=.*SiLU.*is a class"):
