@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .blocks import BlockRewrite, Candidate, build_blocks, skip_name
-from .capture import outputs_match
 from .errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
 from .options import SEOptions
 from .plan import Site, SitePlan, Skip
@@ -105,10 +104,7 @@ def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...
 
     ``model`` must be in eval mode, without hooks (see :func:`se_inject.api.inject`).
     """
-    scopes, untraceable, traced_output = runnable_scopes(model, example_inputs)
-    if scopes[0].path == "":  # the traced model must reproduce the model itself
-        with torch.no_grad():
-            scopes[0].faithful = outputs_match(model(*example_inputs), traced_output) is None
+    scopes, untraceable, _ = runnable_scopes(model, example_inputs)  # checks the top scope too
     shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
     plan = SitePlan(type(model).__name__, shapes, options, untraceable=untraceable)
     candidates = _candidates(scopes, options, plan)

@@ -7,24 +7,30 @@
   ``DropPath`` / ``StochasticDepth`` keep their train-mode behaviour);
 * the modules and functions of timm's no-trace registry (``timm.layers._fx``), which is what makes
   timm models traceable; se_inject looks inside those leaves separately;
-* se_inject's own :class:`~se_inject.se_block.SEBlock`;
+* se_inject's own :class:`~se_inject.se_block.SEBlock`, and other libraries' ``*DropPath``
+  modules (:func:`~se_inject.ops.is_regularizer_module`);
 * any module object passed in ``extra_leaves``.
+
+A dict that is also a dataclass (transformers' ``ModelOutput``) stays that class in the graph's
+output instead of becoming a plain dict.
 
 Each node records its module path in ``node.meta["nn_module_stack"]`` (fx does this itself).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections import OrderedDict
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 import torchvision.ops
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
-from .ops import LEAF_TYPES
+from .ops import LEAF_TYPES, is_regularizer_module
 
 __all__ = ["SETracer", "trace", "graph_module_like", "copy_hooks", "stash_hooks", "restore_hooks"]
 
@@ -46,9 +52,17 @@ class SETracer(LeafModuleAwareTracer):
         self._extra_leaf_ids = {id(m) for m in extra_leaves}
 
     def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
-        if id(m) in self._extra_leaf_ids:
+        if id(m) in self._extra_leaf_ids or is_regularizer_module(m):
             return True
         return super().is_leaf_module(m, module_qualname)
+
+    def create_arg(self, a: Any) -> Any:
+        # fx checks ``isinstance(a, dict)`` before dataclasses, so a ModelOutput would come out of
+        # the graph as a plain dict: build the same class instead.
+        if isinstance(a, dict) and dataclasses.is_dataclass(a) and not isinstance(a, type):
+            kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), kwargs)
+        return super().create_arg(a)
 
 
 def trace(module: nn.Module, *, extra_leaves: Iterable[nn.Module] = ()) -> fx.GraphModule:
@@ -58,8 +72,25 @@ def trace(module: nn.Module, *, extra_leaves: Iterable[nn.Module] = ()) -> fx.Gr
     trace a copy when the module must stay untouched. Exceptions from fx propagate unchanged.
     """
     tracer = SETracer(extra_leaves)
-    graph = tracer.trace(module)
+    with _kept_containers(module):
+        graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+@contextlib.contextmanager
+def _kept_containers(module: nn.Module) -> Iterator[None]:
+    """Give every public dict, list or set attribute under ``module`` back its content after a
+    trace: caches filled during tracing hold Proxies (HF LeViT's ``attention_bias_cache``), which
+    a later trace would pick up as nodes of a finished graph."""
+    kept = [(value, copy) for m in module.modules() for name, value in vars(m).items()
+            if not name.startswith("_") and type(value) in (dict, list, set)
+            for copy in (type(value)(value),)]
+    try:
+        yield
+    finally:
+        for value, copy in kept:
+            value.clear()
+            (value.update if isinstance(value, (dict, set)) else value.extend)(copy)
 
 
 _HOOK_DICTS = (
