@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hf
 from .errors import NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
@@ -25,12 +26,12 @@ __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
 def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     """One random image batch of size 1 matching the model.
 
-    The size comes from timm's ``pretrained_cfg["input_size"]`` when the model has one, else
-    3x224x224; device and dtype from the model's first floating parameter. A fixed seed keeps
+    The size comes from timm's ``pretrained_cfg["input_size"]`` when the model has one, else from
+    a Hugging Face model's ``config`` (``num_channels``, ``image_size``), else 3x224x224; device and dtype from the model's first floating parameter. A fixed seed keeps
     results reproducible.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(cfg.get("input_size") or (3, 224, 224))
+    size = tuple(cfg.get("input_size") or hf.default_input_size(model) or (3, 224, 224))
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -62,6 +63,7 @@ def _check_flag(name: str, value: Any) -> None:
 
 def _analysed(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool):
     """Plan on ``model`` in eval mode without its hooks, then restore both."""
+    hf.prepare(model)  # transformers' lazy hooks, installed now so that rewritten blocks keep them
     hooks = stash_hooks(model)
     try:
         with eval_mode(model) as training:

@@ -134,14 +134,17 @@ class _Extraction:
     def inputs(self) -> Optional[fx.Node]:
         """Placeholders: the scope's own, or one for the single outside value the block reads."""
         if self.key is None:
+            if self.scope.specialised:  # its graph takes only tensors: callers passing options would break
+                raise _Cannot
             for n in self.nodes:
                 if n.op == "placeholder":
                     self.env[n] = self.graph.node_copy(n)
             return None
         outside = {i for n in self.region for i in n.all_input_nodes if i not in self.region_set}
         name = _single_input_forward(self.module)
-        if len(outside) != 1 or name is None:
-            raise _Cannot
+        call = self.scope.recording.get(self.module) if self.scope.recording is not None else None
+        if len(outside) != 1 or name is None or (call is not None and call.passed != 1):
+            raise _Cannot  # the graph takes one input; a caller passing options too would break
         (input_node,) = outside
         self.env[input_node] = self.graph.placeholder(name)
         return input_node

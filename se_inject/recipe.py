@@ -1,7 +1,8 @@
 """Save a converted model as safetensors weights plus a JSON recipe, and load it back.
 
-Nothing is pickled: the structure is rebuilt from the recipe (the timm model name and kwargs, then
-:func:`se_inject.inject` with the recorded options), the weights are read with safetensors, and
+Nothing is pickled: the structure is rebuilt from the recipe (the timm model name and kwargs, or the
+transformers class and config, see :mod:`se_inject.sources`; then :func:`se_inject.inject` with the
+recorded options), the weights are read with safetensors, and
 both are checked: the sites must be the recorded ones, every tensor must be there with its shape,
 and the weights file must have the recorded SHA-256.
 
@@ -9,6 +10,7 @@ A saved directory holds ``recipe.json`` and ``model.safetensors``::
 
     {"format": "se_inject.recipe", "format_version": 1,
      "source": {"library": "timm", "model": "resnet50", "kwargs": {}},
+     (or "source": {"library": "transformers", "model": "ResNetForImageClassification", "config": {...}}),
      "options": {"reduction": 16, "rd_divisor": 8, ...}, "example_input_shape": [1, 3, 224, 224],
      "sites": ["layer1.0.se", ...], "weights": {"file": "model.safetensors", "sha256": "..."},
      "versions": {"se_inject": "...", "torch": "...", "timm": "...", "torchvision": "..."}}
@@ -32,6 +34,7 @@ from torch import nn
 from .api import inject
 from .errors import OptionError, RecipeError, UnknownModelError
 from .plan import Injection
+from .sources import Source, source_for
 from .utils import describe_mismatch, version
 
 __all__ = ["save", "load", "read_recipe", "RECIPE_FILE", "WEIGHTS_FILE", "FORMAT", "FORMAT_VERSION"]
@@ -54,18 +57,21 @@ def save(
     result: Injection,
     directory: Union[str, os.PathLike],
     *,
-    model_name: str,
+    model_name: Optional[str] = None,
     model_kwargs: Optional[Mapping[str, Any]] = None,
+    source: Optional[Source] = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``result`` to ``directory`` as ``model.safetensors`` and ``recipe.json``.
 
     Args:
-        result: what :func:`se_inject.inject` returned for a timm model.
+        result: what :func:`se_inject.inject` returned.
         directory: where to write (created if missing).
-        model_name: the timm name the model was built from (``"resnet50"``).
+        model_name: for a timm model, the name it was built from (``"resnet50"``).
         model_kwargs: the keyword arguments it was built with (JSON-serialisable), e.g.
             ``{"num_classes": 10}``.
+        source: where the model comes from, as a :class:`se_inject.sources.Source`, instead of
+            ``model_name``. A transformers model needs neither: its class and config are recorded.
         overwrite: replace files already in ``directory``.
 
     Returns:
@@ -75,11 +81,7 @@ def save(
         RecipeError: files exist and ``overwrite`` is False, the kwargs are not JSON, or an option
             cannot be recorded.
     """
-    kwargs = dict(model_kwargs or {})
-    try:
-        json.dumps(kwargs)
-    except TypeError as e:
-        raise RecipeError(f"model_kwargs must be JSON-serialisable to be recorded: {e}") from e
+    origin = source_for(result.model, model_name, model_kwargs, source)
     try:
         options = result.plan.options.to_dict()
     except OptionError as e:
@@ -93,13 +95,13 @@ def save(
     recipe = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "source": {"library": "timm", "model": model_name, "kwargs": kwargs},
+        "source": origin.to_dict(),
         "options": options,
         "example_input_shape": list(result.plan.input_shapes[0]) if result.plan.input_shapes else None,
         "sites": [s.name for s in result.plan.sites],
         "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights_path)},
         "versions": {"se_inject": version(), "torch": torch.__version__, "timm": timm.__version__,
-                     "torchvision": torchvision.__version__},
+                     "torchvision": torchvision.__version__, **origin.versions()},
     }
     recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe_path
@@ -132,8 +134,10 @@ def read_recipe(directory: Union[str, os.PathLike]) -> dict[str, Any]:
         raise RecipeError(f"{path} has format version {format_version}; this se_inject reads version "
                           f"{FORMAT_VERSION}. Upgrade se_inject.")
     source, options, sites, weights = (recipe.get(k) for k in ("source", "options", "sites", "weights"))
-    _require(isinstance(source, dict) and source.get("library") == "timm" and isinstance(source.get("model"), str)
-             and isinstance(source.get("kwargs", {}), dict), path, "source must name a timm model")
+    try:
+        Source.from_dict(source)
+    except ValueError as e:
+        raise RecipeError(f"{path} is not a valid se_inject recipe: {e}") from None
     _require(isinstance(options, dict), path, "options is missing")
     _require(isinstance(sites, list) and all(isinstance(s, str) for s in sites), path, "sites must be a list of names")
     _require(isinstance(weights, dict) and isinstance(weights.get("file"), str)
@@ -157,7 +161,7 @@ def load(directory: Union[str, os.PathLike]) -> nn.Module:
         RecipeError: the recipe is invalid (see :func:`read_recipe`), the weights file is missing,
             corrupt, truncated or does not match the recipe's checksum, or its tensors do not match
             the model (missing, extra or mis-shaped tensors are named).
-        UnknownModelError: the recipe names a model this timm does not have.
+        UnknownModelError: the recipe names a model this timm (or transformers) does not have.
     """
     directory = Path(directory)
     recipe = read_recipe(directory)
@@ -173,11 +177,12 @@ def load(directory: Union[str, os.PathLike]) -> nn.Module:
     except Exception as e:  # safetensors raises its own error types for bad headers and sizes
         raise RecipeError(f"{weights_path} is not a readable safetensors file: {e}") from e
 
-    name, kwargs = recipe["source"]["model"], recipe["source"].get("kwargs", {})
-    if not timm.is_model(name):
-        raise UnknownModelError(f"the recipe in {directory} names {name!r}, which timm {timm.__version__} "
-                                f"does not have")
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    origin = Source.from_dict(recipe["source"])
+    name = origin.model
+    try:
+        model = origin.build()
+    except UnknownModelError as e:
+        raise UnknownModelError(f"the recipe in {directory} names {name!r}, which cannot be built: {e}") from None
     shape = recipe.get("example_input_shape")
     try:
         result = inject(model, example_inputs=torch.randn(shape) if shape else None, **recipe["options"])

@@ -28,7 +28,7 @@ from .errors import ExampleInputError, TraceError
 from .leaf_axis import META_KEY, proving_leaf_axes
 from .plan import Untraceable
 from .scope_search import Recorder, search
-from .specialize import ForwardFailed, RecordedCall, trace_as
+from .specialize import ForwardFailed, RecordedCall, Recording, trace_as
 from .utils import describe_error, first_line
 
 __all__ = ["Scope", "ShapeRecorder", "discover_scopes", "propagate_shapes", "runnable_scopes"]
@@ -48,6 +48,7 @@ class Scope:
         leaves: modules inside it that fx could not follow, kept whole in ``gm``.
         call: the recorded call whose non-tensor options are baked into ``gm`` (None when traced
             plainly); ``gm`` then takes only that call's tensors.
+        recording: every module's recorded call, when the search ran the forward that records them.
     """
 
     path: str
@@ -59,6 +60,7 @@ class Scope:
     faithful: bool = True
     leaves: tuple[nn.Module, ...] = ()
     call: Optional[RecordedCall] = None
+    recording: Optional[Recording] = None
 
     @property
     def specialised(self) -> bool:
@@ -104,7 +106,9 @@ def discover_scopes(model: nn.Module, *, skip: Optional[dict[str, str]] = None,
         recorder: the real forward that gives non-tensor options (see :mod:`se_inject.scope_search`).
     """
     result = search(model, skip=skip, recorder=recorder)
-    return [Scope(f.path, f.module, f.gm, leaves=f.leaves, call=f.call) for f in result.found], result.untraceable
+    recording = recorder.recording if recorder is not None else None
+    scopes = [Scope(f.path, f.module, f.gm, leaves=f.leaves, call=f.call, recording=recording) for f in result.found]
+    return scopes, result.untraceable
 
 
 class ShapeRecorder(fx.Interpreter):
