@@ -92,7 +92,7 @@ class _Search:
     def ran(self, module: nn.Module) -> bool:
         """False only for a module known not to run in the example forward (it holds no site)."""
         recording = self.recorder.recording if self.recorder else None
-        return recording is None or recording.ran(module)
+        return recording is None or recording.ran(module) or is_container(module)
 
     def inner_leaves(self, module: nn.Module) -> list[nn.Module]:
         inside = {id(m) for m in module.modules()} - {id(module)}

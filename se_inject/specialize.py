@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from .tracer import trace
 
@@ -32,6 +32,7 @@ __all__ = ["RecordedCall", "Recording", "record_calls", "trace_as", "takes_optio
 _POSITIONAL_ONLY = inspect.Parameter.POSITIONAL_ONLY
 _VAR_POSITIONAL = inspect.Parameter.VAR_POSITIONAL
 _VAR_KEYWORD = inspect.Parameter.VAR_KEYWORD
+_TENSOR = object()  # stands for a tensor in a recorded output
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -70,11 +71,25 @@ class RecordedCall:
             name (it passed ``*args``, or does not bind to the forward's signature).
         passed: how many arguments the caller passed (positional and keyword).
         count: how many times the module ran.
+        returned: the structure of the first call's output and its leaves, tensors replaced by a
+            marker (None when the output was a bare tensor).
     """
 
     arguments: Optional[list[tuple[str, Any, bool, bool]]]
     passed: int
     count: int = 1
+    returned: Optional[tuple[TreeSpec, list[Any]]] = None
+
+    def output_like(self, tensor: Any) -> Any:
+        """The call's output structure with ``tensor`` in place of its one tensor: the module
+        returned ``(x,)`` or a ModelOutput holding only ``x``. ``tensor`` itself for a bare tensor
+        (or nothing recorded); None when the output held several tensors or none."""
+        if self.returned is None:
+            return tensor
+        spec, leaves = self.returned
+        if sum(leaf is _TENSOR for leaf in leaves) != 1:
+            return None
+        return tree_unflatten([tensor if leaf is _TENSOR else leaf for leaf in leaves], spec)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -140,6 +155,10 @@ def record_calls(model: nn.Module, inputs: tuple[Any, ...]) -> Recording:
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         stack.pop()
+        call = recording.calls[id(module)]
+        if call.count == 1 and not isinstance(output, torch.Tensor):
+            leaves, spec = tree_flatten(output)
+            call.returned = (spec, [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves])
 
     handles = []
     try:

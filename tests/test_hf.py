@@ -15,6 +15,9 @@ import pytest
 import torch
 
 import se_inject
+from se_inject import CheckpointError
+from se_inject.cli import main
+from se_inject.sources import from_hf_directory
 from se_inject.specialize import trace_as
 
 transformers = pytest.importorskip("transformers")
@@ -97,21 +100,24 @@ def test_forward_with_labels_save_pretrained_and_loading_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_save_records_the_config_and_load_rebuilds_offline(tmp_path, monkeypatch):
+def test_recipe_round_trip_of_a_resnet50_from_a_local_config_directory_offline(tmp_path, monkeypatch):
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    torch.manual_seed(0)
-    model = ResNetForImageClassification(ResNetConfig(num_labels=5)).eval()
+    source = tmp_path / "resnet50"
+    source.mkdir()
+    ResNetConfig(num_labels=5, architectures=["ResNetForImageClassification"]).save_pretrained(source)  # config only
+    model = from_hf_directory(source)
     result = se_inject.inject(model, example_inputs=X, identity_init=True)
-    se_inject.save(result, tmp_path)  # the source comes from the model's class and config
-    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    se_inject.save(result, tmp_path / "se")  # the source comes from the model's class and config
+    recipe = json.loads((tmp_path / "se" / "recipe.json").read_text())
     assert recipe["format_version"] == 1 and recipe["source"]["library"] == "transformers"
     assert recipe["source"]["model"] == "ResNetForImageClassification"
-    assert recipe["source"]["config"]["num_labels"] == 5 and "transformers" in recipe["versions"]
-    loaded = se_inject.load(tmp_path)
+    assert len(recipe["source"]["config"]["id2label"]) == 5 and "transformers" in recipe["versions"]
+    assert len(recipe["sites"]) == 16
+    loaded = se_inject.load(tmp_path / "se")
     assert type(loaded) is ResNetForImageClassification
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(X).logits, result.model.eval()(X).logits, rtol=0, atol=0)
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -119,24 +125,33 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
 
 
+SMALL = ResNetConfig(layer_type="basic", depths=[1, 1], hidden_sizes=[16, 32], embedding_size=16, num_labels=3)
+
+
 @pytest.mark.slow
-def test_cli_report_and_convert_a_local_directory_then_load_the_recipe(tmp_path):
+def test_cli_converts_a_local_directory_with_weights_and_the_recipe_loads(tmp_path):
     source = tmp_path / "my-resnet"
     torch.manual_seed(0)
-    original = ResNetForImageClassification(ResNetConfig(num_labels=3)).eval()
+    original = ResNetForImageClassification(SMALL).eval()
     original.save_pretrained(source)
-    done = cli("report", str(source), "--json", "--input-size", "3", "64", "64")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
-    assert len(report["sites"]) == 16 and [u["path"] for u in report["untraceable"]] == ["resnet.embedder"]
     out = tmp_path / "se-resnet"
-    done = cli("convert", str(source), "--out", str(out), "--identity-init", "--input-size", "3", "64", "64")
+    done = cli("convert", str(source), "--out", str(out), "--identity-init", "--json", "--input-size", "3", "64", "64")
     assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # what `se-inject report DIR --json` prints
+    assert len(report["sites"]) == 2 and [u["path"] for u in report["untraceable"]] == ["resnet.embedder"]
     loaded = se_inject.load(out)  # built from the recipe alone, with the directory's weights converted
     with torch.no_grad():
         torch.testing.assert_close(loaded(X).logits, original(X).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_cli_refuses_a_directory_without_config(tmp_path):
-    done = cli("sites", str(tmp_path))
-    assert done.returncode == 2 and "without config.json" in done.stderr
+def test_cli_refuses_a_directory_without_config(tmp_path, capsys):
+    assert main(["sites", str(tmp_path)]) == 2
+    assert "without config.json" in capsys.readouterr().err
+
+
+def test_a_directory_whose_weights_do_not_match_is_refused(tmp_path):
+    ResNetForImageClassification(SMALL).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_sizes": [16, 48]}))
+    with pytest.raises(CheckpointError, match="do not match|could not load"):
+        from_hf_directory(tmp_path)
