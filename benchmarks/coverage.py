@@ -413,12 +413,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         hf_md = render(hf_outcomes, hf_summary, console, title="transformers *ForImageClassification")
         hf_data = {"transformers": transformers.__version__, "summary": hf_summary,
                    "outcomes": [asdict(o) for o in hf_outcomes]}
+        hf_title = f"Coverage of transformers {transformers.__version__} (torch {torch.__version__})"
         if args.hf:
-            data, markdown = hf_data, hf_md
-            title = f"Coverage of transformers {transformers.__version__} (torch {torch.__version__})"
-        else:
+            data, markdown, title = hf_data, hf_md, hf_title
+        else:  # the full sweep: the group goes into coverage.md and into coverage-hf.md as --hf writes it
             data["hf"] = hf_data
             markdown += f"\n## transformers {transformers.__version__}\n\n" + hf_md
+            if args.subset is None:
+                write_results("coverage-hf", hf_data, hf_md, script="coverage.py", argv=argv, out=args.out,
+                              title=hf_title)
     stem = "coverage-hf" if args.hf else "coverage" if families is None else "coverage-subset"
     path = write_results(stem, data, markdown, script="coverage.py", argv=argv, out=args.out, title=title)
     console.print(f"wrote {path} and .json")

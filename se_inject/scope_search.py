@@ -8,7 +8,9 @@ inlines are done. Where it does not:
   traced again with the options it received in a real forward baked in
   (:mod:`se_inject.specialize`); that real forward runs once, the first time it is needed;
 * otherwise its children are settled first, and if some of them had to become leaves, the module
-  is traced again with those leaves;
+  is traced again with those leaves, and then once more with the children that traced on their
+  own kept whole (a child traced with its options baked in can fail inlined, where its options are
+  Proxies); those children stay scopes of their own;
 * a module that still fails is one whose *own code* fx cannot follow (control flow on a tensor,
   ``int()`` of a size): it becomes a leaf, so that its parent can be traced around it, and is
   reported in ``plan.untraceable`` with the error. Its children were settled already, so the adds
@@ -85,6 +87,7 @@ class _Search:
         self.leaves: dict[int, tuple[str, nn.Module]] = {}
         self.untraceable: list[Untraceable] = []
         self.traced: dict[int, tuple[fx.GraphModule, Optional[RecordedCall], tuple[nn.Module, ...]]] = {}
+        self.kept: dict[int, nn.Module] = {}  # traced alone, kept whole in their parent's graph
         self.settled: set[int] = set()
         self.collected: set[int] = set()
         self.found: list[Found] = []
@@ -94,9 +97,22 @@ class _Search:
         recording = self.recorder.recording if self.recorder else None
         return recording is None or recording.ran(module) or is_container(module)
 
+    def all_leaves(self) -> list[nn.Module]:
+        return [m for _, m in self.leaves.values()] + list(self.kept.values())
+
     def inner_leaves(self, module: nn.Module) -> list[nn.Module]:
         inside = {id(m) for m in module.modules()} - {id(module)}
-        return [m for key, (_, m) in self.leaves.items() if key in inside]
+        return [m for m in self.all_leaves() if id(m) in inside]
+
+    def traced_children(self, module: nn.Module) -> list[nn.Module]:
+        """The children (through containers) that traced on their own."""
+        out = []
+        for child in module.children():
+            if is_container(child):
+                out.extend(self.traced_children(child))
+            elif id(child) in self.traced:
+                out.append(child)
+        return out
 
     def options_call(self, module: nn.Module) -> Optional[RecordedCall]:
         """The module's recorded call, when its forward takes options and the call can be re-made."""
@@ -106,11 +122,12 @@ class _Search:
         call = recording.get(module) if recording is not None else None
         return call if call is not None and call.arguments is not None and call.tensor_names else None
 
-    def try_trace(self, module: nn.Module, path: str) -> Optional[str]:
-        """Trace ``module`` with the current leaves (and its options if plain fails); the error or None."""
+    def try_trace(self, module: nn.Module, path: str, keep: list[nn.Module] = ()) -> Optional[str]:
+        """Trace ``module`` with the current leaves and ``keep`` kept whole (and its options if plain
+        fails); the error or None."""
         if path in self.skip:
             return self.skip[path]
-        leaves = [m for _, m in self.leaves.values()]
+        leaves = self.all_leaves() + list(keep)
         call = None
         try:
             gm = trace_as(module, leaves)
@@ -123,6 +140,7 @@ class _Search:
                 gm = trace_as(module, leaves, call)
             except Exception as e2:
                 return describe_error(e2)
+        self.kept.update((id(m), m) for m in keep)
         self.traced[id(module)] = (gm, call, tuple(self.inner_leaves(module)))
         return None
 
@@ -145,6 +163,13 @@ class _Search:
             self.settle(child, join_path(path, name))
         if len(self.leaves) > before:
             error = self.try_trace(module, path) or ""
+            if not error:
+                return
+        # A child that traces alone may fail inlined (its options are Proxies there): keep the
+        # children that traced whole, so that only the module's own code can still fail.
+        keep = self.traced_children(module)
+        if keep:
+            error = self.try_trace(module, path, keep) or ""
             if not error:
                 return
         self.leaves[id(module)] = (path, module)
