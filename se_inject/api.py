@@ -27,8 +27,8 @@ def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     """One random image batch of size 1 matching the model.
 
     The size comes from timm's ``pretrained_cfg["input_size"]`` when the model has one, else from
-    a Hugging Face model's ``config`` (``num_channels``, ``image_size``), else 3x224x224; device and dtype from the model's first floating parameter. A fixed seed keeps
-    results reproducible.
+    a Hugging Face model's ``config`` (``num_channels``, ``image_size``), else 3x224x224; device
+    and dtype from the model's first floating parameter. A fixed seed keeps results reproducible.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = tuple(cfg.get("input_size") or hf.default_input_size(model) or (3, 224, 224))

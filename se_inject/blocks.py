@@ -177,7 +177,9 @@ class _Extraction:
             raise _Cannot
         # The caller may have read the module's output through a tuple or ModelOutput that fx
         # resolved while tracing (``layer(x)[0]``): return that structure again.
-        output = self.call.output_like(self.env[read_outside[0]]) if self.call is not None else self.env[read_outside[0]]
+        output = self.env[read_outside[0]]
+        if self.call is not None:
+            output = self.call.output_like(output)
         if output is None or isinstance(output, dict):  # a ModelOutput would come back a plain dict
             raise _Cannot
         self.graph.output(output)

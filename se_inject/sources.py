@@ -177,14 +177,15 @@ def from_hf_directory(directory: Union[str, os.PathLike], *, num_labels: Optiona
         model, info = cls.from_pretrained(str(directory), local_files_only=True, output_loading_info=True,
                                           ignore_mismatched_sizes=bool(changed), **changed)
     except Exception as e:
-        raise CheckpointError(f"could not load the weights in {directory}: {type(e).__name__}: {first_line(e)}") from None
+        raise CheckpointError(f"could not load the weights in {directory}: {type(e).__name__}: "
+                              f"{first_line(e)}") from None
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    problems = {k: v for k, v in info.items() if v and not (changed and k in ("missing_keys", "mismatched_keys"))}
+    allowed = ("missing_keys", "mismatched_keys") if changed else ()  # a new classifier
+    problems = [f"{k.replace('_', ' ')} {sorted(map(str, v))[:5]}" for k, v in info.items() if v and k not in allowed]
     if problems:
-        raise CheckpointError(f"the weights in {directory} do not match {name}: "
-                              + "; ".join(f"{k.replace('_', ' ')} {sorted(map(str, v))[:5]}" for k, v in problems.items()))
+        raise CheckpointError(f"the weights in {directory} do not match {name}: " + "; ".join(problems))
     return model
 
 
