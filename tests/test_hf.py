@@ -78,6 +78,25 @@ def test_sites_identity_outputs_kept_class_and_untraceable(case):
             trace_as(module, list(module.children()))
 
 
+TOKEN_MODELS = {  # small configs of transformers whose residual adds are all on tokens
+    "vit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8),
+    "dinov2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                   patch_size=8),
+    "swin": dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TOKEN_MODELS))
+def test_token_models_get_no_se_and_say_why(model_type):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as names
+
+    config = transformers.AutoConfig.for_model(model_type, **TOKEN_MODELS[model_type])
+    model = getattr(transformers, names[model_type])(config).eval()
+    plan = se_inject.find_sites(model, example_inputs=torch.randn(2, 3, 32, 32))
+    assert not plan.sites and plan.skipped_by_reason().get("channels-last")
+
+
 @pytest.mark.slow
 def test_forward_with_labels_save_pretrained_and_loading_back(tmp_path):
     model = se_inject.apply(build("resnet18-basic"), example_inputs=X, reduction=8)
