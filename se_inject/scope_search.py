@@ -7,20 +7,20 @@ inlines are done. Where it does not:
 * a module whose forward takes options (``output_hidden_states=...``, a decorated forward) is
   traced again with the options it received in a real forward baked in
   (:mod:`se_inject.specialize`); that real forward runs once, the first time it is needed;
-* otherwise its children are settled first, and if some of them had to become leaves, the module
-  is traced again with those leaves, and then once more with the children that traced on their
-  own kept whole (a child traced with its options baked in can fail inlined, where its options are
-  Proxies); those children stay scopes of their own;
-* a module that still fails is one whose *own code* fx cannot follow (control flow on a tensor,
-  ``int()`` of a size): it becomes a leaf, so that its parent can be traced around it, and is
-  reported in ``plan.untraceable`` with the error. Its children were settled already, so the adds
-  inside it are still found.
+* otherwise the traceback says which module's own code fx could not follow: the innermost module
+  that was running. That module is traced alone. If it fails there too, its own code is what fx
+  cannot follow (control flow on a tensor, ``int()`` of a size): it becomes a leaf, so that its
+  parent can be traced around it, and is reported in ``plan.untraceable`` with the error; the
+  other modules of its class under the failing module are tried the same way at once, instead of
+  one failure per trace. If it traces alone, it failed only on what its caller passed (a size
+  that is a Proxy there): it is kept whole in its caller's graph and is a scope of its own. Then
+  the module is traced again, until it traces or fails in its own code.
 
 Then the scopes are collected from the root down with the final leaves: a module inlined in a
 traced ancestor is not a scope of its own; leaves that are not primitive layers (timm's no-trace
-blocks, the leaves made here) are looked into. Each scope carries the leaves and the options it
-was traced with, so that shape propagation, block extraction and the train-mode re-trace see the
-same graph.
+blocks, the leaves made here) are looked into, their children settled the same way. Each scope
+carries the leaves and the options it was traced with, so that shape propagation, block
+extraction and the train-mode re-trace see the same graph.
 """
 
 from __future__ import annotations
@@ -81,6 +81,23 @@ def is_container(module: nn.Module) -> bool:
     return getattr(type(module), "forward", None) is nn.Module.forward
 
 
+def _culprit(error: BaseException, module: nn.Module) -> Optional[nn.Module]:
+    """The innermost module inside ``module`` (not ``module`` itself) whose code was running when
+    ``error`` was raised, from the traceback; None when it was ``module``'s own code."""
+    inside = {id(m) for m in module.modules()}
+    found = None
+    for cause in (error, error.__cause__):
+        tb = cause.__traceback__ if cause is not None else None
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in inside:
+                found = owner
+            tb = tb.tb_next
+        if found is not None:
+            break
+    return None if found is None or found is module else found
+
+
 class _Search:
     def __init__(self, skip: dict[str, str], recorder: Optional[Recorder]) -> None:
         self.skip, self.recorder = skip, recorder
@@ -104,16 +121,6 @@ class _Search:
         inside = {id(m) for m in module.modules()} - {id(module)}
         return [m for m in self.all_leaves() if id(m) in inside]
 
-    def traced_children(self, module: nn.Module) -> list[nn.Module]:
-        """The children (through containers) that traced on their own."""
-        out = []
-        for child in module.children():
-            if is_container(child):
-                out.extend(self.traced_children(child))
-            elif id(child) in self.traced:
-                out.append(child)
-        return out
-
     def options_call(self, module: nn.Module) -> Optional[RecordedCall]:
         """The module's recorded call, when its forward takes options and the call can be re-made."""
         if self.recorder is None or not takes_options(module):
@@ -122,30 +129,32 @@ class _Search:
         call = recording.get(module) if recording is not None else None
         return call if call is not None and call.arguments is not None and call.tensor_names else None
 
-    def try_trace(self, module: nn.Module, path: str, keep: list[nn.Module] = ()) -> Optional[str]:
-        """Trace ``module`` with the current leaves and ``keep`` kept whole (and its options if plain
-        fails); the error or None."""
+    def try_trace(self, module: nn.Module, path: str) -> tuple[Optional[str], Optional[nn.Module]]:
+        """Trace ``module`` with the current leaves (with its options if plain fails).
+
+        Returns (None, None) on success, else the error and the module inside ``module`` whose own
+        code failed (None: ``module``'s own code).
+        """
         if path in self.skip:
-            return self.skip[path]
-        leaves = self.all_leaves() + list(keep)
+            return self.skip[path], None
+        leaves = self.all_leaves()
         call = None
         try:
             gm = trace_as(module, leaves)
         except Exception as e:  # fx raises many types; all mean "not traceable as it stands"
-            error = describe_error(e)
+            error, culprit = describe_error(e), _culprit(e, module)
             call = self.options_call(module)
             if call is None:
-                return error
+                return error, culprit
             try:
                 gm = trace_as(module, leaves, call)
             except Exception as e2:
-                return describe_error(e2)
-        self.kept.update((id(m), m) for m in keep)
+                return describe_error(e2), _culprit(e2, module)
         self.traced[id(module)] = (gm, call, tuple(self.inner_leaves(module)))
-        return None
+        return None, None
 
     def settle(self, module: nn.Module, path: str) -> None:
-        """Decide whether ``module`` traces; where it cannot, settle its children and make it a leaf."""
+        """Decide whether ``module`` traces; where its own code cannot be followed, make it a leaf."""
         if id(module) in self.settled:
             return
         self.settled.add(id(module))
@@ -155,25 +164,29 @@ class _Search:
             return
         if (path and is_primitive_leaf(module)) or not self.ran(module):
             return
-        error = self.try_trace(module, path)
-        if error is None:
-            return
-        before, at = len(self.leaves), len(self.untraceable)
-        for name, child in module.named_children():
-            self.settle(child, join_path(path, name))
-        if len(self.leaves) > before:
-            error = self.try_trace(module, path) or ""
-            if not error:
+        at, blamed = len(self.untraceable), set()
+        while True:
+            error, culprit = self.try_trace(module, path)
+            if error is None:
                 return
-        # A child that traces alone may fail inlined (its options are Proxies there): keep the
-        # children that traced whole, so that only the module's own code can still fail.
-        keep = self.traced_children(module)
-        if keep:
-            error = self.try_trace(module, path, keep) or ""
-            if not error:
-                return
+            if culprit is None or id(culprit) in blamed:  # its own code, or no progress
+                break
+            blamed.add(id(culprit))
+            self.blame(module, path, culprit)
         self.leaves[id(module)] = (path, module)
         self.untraceable.insert(at, Untraceable(path, error))
+
+    def blame(self, module: nn.Module, path: str, culprit: nn.Module) -> None:
+        """Settle ``culprit`` (inside ``module``) and, when its own code fails, the other modules
+        of its class inside ``module``; keep it whole if it traces alone."""
+        names = {id(m): name for name, m in module.named_modules()}
+        self.settle(culprit, join_path(path, names[id(culprit)]))
+        if id(culprit) in self.leaves:
+            for name, m in module.named_modules():
+                if type(m) is type(culprit) and id(m) not in self.settled:
+                    self.settle(m, join_path(path, name))
+        elif id(culprit) in self.traced:  # fails only on what its caller passes it
+            self.kept[id(culprit)] = culprit
 
     def collect(self, module: nn.Module, path: str) -> None:
         """Record the scopes under ``module`` with the final leaves, parents before children."""

@@ -17,6 +17,7 @@ first call, which arguments held tensors and the values of the others (no tensor
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -39,11 +40,19 @@ def _holds_tensor(value: Any) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in tree_flatten(value)[0])
 
 
+@functools.lru_cache(maxsize=1024)
+def _signature(forward: Any) -> inspect.Signature:
+    """The signature of an unbound ``forward`` without ``self`` (signatures are slow to compute)."""
+    signature = inspect.signature(forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 def _bind(module: nn.Module, args: tuple, kwargs: dict) -> Optional[list[tuple[str, Any, bool]]]:
     """The call's arguments as (name, value, positional-only), ``**kwargs`` spread out, defaults
     applied; None if the call does not bind to the signature or passes ``*args``."""
     try:
-        signature = inspect.signature(module.forward)
+        forward = type(module).forward
+        signature = _signature(forward) if "forward" not in vars(module) else inspect.signature(module.forward)
         bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
