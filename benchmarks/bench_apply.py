@@ -13,8 +13,13 @@ For each model, interleaved over rounds (median reported, with the range):
 The default models show how the cost grows with depth (resnet18 -> 152) and on other shapes of
 network; ``--sample`` adds one model of each family of the coverage sweep's CI subset.
 
+``--hf`` instead times ``apply`` on Hugging Face's ResNet-50 (``ResNetConfig()``, which fx cannot
+trace whole: the deep scope search, options baked in) against timm's ``resnet50``, same
+1x3x224x224 input, interleaved, and writes ``apply-hf.md``.
+
     python benchmarks/bench_apply.py
     python benchmarks/bench_apply.py --models resnet50 --rounds 9
+    python benchmarks/bench_apply.py --hf --rounds 7
 """
 
 from __future__ import annotations
@@ -85,14 +90,72 @@ def measure(name: str, rounds: int, console: Console) -> dict:
     return row
 
 
+def measure_hf(rounds: int, console: Console) -> dict:
+    """apply on HF ResNet-50 and on timm's resnet50, interleaved, same input."""
+    import transformers
+
+    torch.manual_seed(0)
+    models = {"timm resnet50": timm.create_model("resnet50", pretrained=False).eval(),
+              "HF ResNet-50": transformers.ResNetForImageClassification(
+                  transformers.ResNetConfig()).eval()}
+    x = torch.randn(1, 3, 224, 224)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}  # process time: steadier on a shared machine
+    forward: dict[str, list[float]] = {name: [] for name in models}
+    sites = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_inject.SEInjectWarning)
+        for r in range(rounds + 1):  # round 0 warms caches up and is not counted
+            for name, model in models.items():
+                start = time.perf_counter()
+                with torch.no_grad():
+                    model(x)
+                t0, c0 = time.perf_counter(), time.process_time()
+                sites[name] = len(se_inject.inject(model, example_inputs=x).plan.sites)
+                t1, c1 = time.perf_counter(), time.process_time()
+                if r:
+                    forward[name].append(t0 - start)
+                    times[name].append(t1 - t0)
+                    cpu[name].append(c1 - c0)
+    rows = [{"model": name, "sites": sites[name], "forward_s": statistics.median(forward[name]),
+             "apply_s": statistics.median(times[name]), "ranges_s": [min(times[name]), max(times[name])],
+             "apply_cpu_s": statistics.median(cpu[name])} for name in models]
+    ratio = rows[1]["apply_s"] / rows[0]["apply_s"]
+    cpu_ratio = rows[1]["apply_cpu_s"] / rows[0]["apply_cpu_s"]
+    console.log(f"apply: timm {rows[0]['apply_s']:.3f}s, HF {rows[1]['apply_s']:.3f}s ({ratio:.2f}x; CPU time {cpu_ratio:.2f}x)")
+    return {"rows": rows, "ratio": ratio, "cpu_ratio": cpu_ratio, "input": list(x.shape)}
+
+
+def main_hf(args: argparse.Namespace, argv: Optional[list[str]], console: Console) -> None:
+    result = measure_hf(args.rounds, console)
+    cells = [(r["model"], str(r["sites"]), f"{r['forward_s']:.3f}", f"{r['apply_s']:.3f}",
+              f"{r['ranges_s'][0]:.3f}–{r['ranges_s'][1]:.3f}", f"{r['apply_s'] / r['forward_s']:.1f}",
+              f"{r['apply_cpu_s']:.3f}") for r in result["rows"]]
+    md = table(console, f"apply on HF ResNet-50 vs timm resnet50 · 1x3x224x224 · CPU {torch.get_num_threads()} "
+               f"threads · torch {torch.__version__}",
+               ("model", "sites", "forward s", "apply s", "apply range s", "apply / forward", "apply CPU s"), cells)
+    note = (f"HF / timm apply time: **{result['ratio']:.2f}x** wall, {result['cpu_ratio']:.2f}x CPU time. Medians "
+            f"over {args.rounds} interleaved rounds (`inject`, deep copy included). The HF model needs the deep scope search: its root traces only with "
+            f"`resnet.embedder` as a leaf and its options baked in, and the forward that records the options is "
+            f"also the one that checks the traced model.")
+    console.print(note)
+    path = write_results("apply-hf", {"threads": torch.get_num_threads(), **result}, md + f"\n{note}\n",
+                         script="bench_apply.py", argv=argv, out=args.out)
+    console.print(f"wrote {path} and .json")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT)
     p.add_argument("--sample", action="store_true", help="also one model per family of a timm-wide sample")
+    p.add_argument("--hf", action="store_true", help="HF ResNet-50 against timm resnet50 instead (apply-hf.md)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     console = Console()
+    if args.hf:
+        main_hf(args, argv, console)
+        return
     names = args.models + (SAMPLE if args.sample else [])
     rows = [measure(n, args.rounds, console) for n in names]
 

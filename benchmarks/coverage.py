@@ -1,4 +1,5 @@
-"""Coverage sweep: se_inject over one model of every timm family and every torchvision model.
+"""Coverage sweep: se_inject over one model of every timm family, every torchvision model, and the
+Hugging Face transformers ``*ForImageClassification`` models that build from a default config.
 
 For each model (random weights, a small input): trace and find the sites, apply SE with
 ``identity_init=True``, check the output equals the original's, and optionally ``torch.compile``
@@ -12,11 +13,15 @@ the result. Every outcome is classified:
 * ``bug``: anything else, in particular an output that differs after identity-init SE (a silently
   wrong model). The target is zero.
 
-    python benchmarks/coverage.py                      # every timm family + torchvision, ~10 min
+    python benchmarks/coverage.py                      # timm families + torchvision + transformers
+    python benchmarks/coverage.py --hf                 # the transformers models only
     python benchmarks/coverage.py --subset ci          # the CI subset
     python benchmarks/coverage.py --families resnet convnext --compile
 
-Results: ``benchmarks/results/coverage.md`` and ``coverage.json``.
+Results: ``benchmarks/results/coverage.md`` and ``coverage.json`` (the transformers group in its
+own table and under ``"hf"``); ``--hf`` writes ``coverage-hf.md`` and ``.json``. transformers
+models are built from ``AutoConfig.for_model(model_type)`` with random weights, on a 64 px input
+where the model takes one, else at the config's ``image_size``, a fresh model for each size.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import timm
 import torch
@@ -89,6 +94,20 @@ TORCHVISION = {
                        "vit_b_16", "swin_t", "swin_v2_t", "maxvit_t"],
     "video": ["r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v1_b", "swin3d_t"],
 }
+
+
+# transformers model types the sweep does not build, and why.
+HF_SKIP = {
+    "dinat": "needs the natten library",
+    "imagegpt": "a pixel-token model: takes input_ids, not images",
+    "siglip2": "takes pre-patchified pixel values with a patch mask",
+    "perceiver": "default configs do not build (qk_channels not divisible by num_heads) or have 270M parameters",
+    "shieldgemma2": "a Gemma-3 multimodal language model (billions of parameters)",
+}
+# A subset that runs in CI in well under a minute: bottleneck residuals behind an untraceable
+# embedding, ConvNeXt behind decorated forwards, inverted residuals behind opaque TF-padding convs,
+# blocks that return tuples (PoolFormer), no adds at all.
+HF_CI = ["resnet", "convnext", "mobilenet_v2", "poolformer", "mobilenet_v1"]
 
 
 @dataclass
@@ -176,6 +195,11 @@ def run_one(family: str, model_name: str, factory: Callable[[], torch.nn.Module]
             return out
         out.status = "handled"
         out.message = "; ".join(refused_msgs)[:300]
+        if family == "transformers":
+            problem = _hidden_states_problem(model, injected, x)
+            if problem:
+                out.status, out.message = "bug", problem
+                return out
         if compile_model:
             torch._dynamo.reset()
             try:
@@ -196,6 +220,51 @@ def run_one(family: str, model_name: str, factory: Callable[[], torch.nn.Module]
         out.message = f"{type(e).__name__}: {e}".splitlines()[0][:200] + " | " + traceback.format_exc().splitlines()[-3][:150]
     finally:
         out.seconds = round(time.perf_counter() - start, 2)
+    return out
+
+
+def _hidden_states_problem(model: torch.nn.Module, injected: torch.nn.Module, x: torch.Tensor) -> str:
+    """A transformers model must still return all its hidden states after SE ('' when it does)."""
+    try:
+        with torch.no_grad():
+            before = model(x, output_hidden_states=True).hidden_states
+    except Exception:  # the model has no such option
+        return ""
+    with torch.no_grad():
+        after = injected(x, output_hidden_states=True).hidden_states
+    if before is not None and (after is None or len(after) != len(before)):
+        return f"output_hidden_states gives {len(after or ())} states instead of {len(before)}"
+    return ""
+
+
+def _hf_factory(model_type: str, class_name: str) -> tuple[Callable[[], torch.nn.Module], tuple[int, ...],
+                                                             Optional[tuple[int, ...]]]:
+    """A transformers model from its default config, its 64 px input and the config's own size."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type)
+    cls = getattr(transformers, class_name)
+    channels = getattr(config, "num_channels", None) or 3
+    size = getattr(config, "image_size", None) or getattr(getattr(config, "vision_config", None), "image_size", None)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    full = (1, channels, int(size), int(size)) if size and size != 64 else None
+    return (lambda: cls(config)), (1, channels, 64, 64), full
+
+
+def hf_jobs(model_types: Optional[list[str]] = None) -> list[tuple[str, str, Any, Any, Any]]:
+    """(family, class name, factory or skip reason, input shape, fallback shape) per model type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as names
+
+    out = []
+    for model_type, classes in names.items():
+        if model_types is not None and model_type not in model_types:
+            continue
+        class_name = classes[0] if isinstance(classes, (list, tuple)) else classes
+        if model_type in HF_SKIP:
+            out.append(("transformers", class_name, HF_SKIP[model_type], None, None))
+            continue
+        factory, shape, full = _hf_factory(model_type, class_name)
+        out.append(("transformers", class_name, factory, shape, full))
     return out
 
 
@@ -261,7 +330,8 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
                                   for o in outcomes)}
 
 
-def render(outcomes: list[Outcome], summary: dict[str, Any], console: Console) -> str:
+def render(outcomes: list[Outcome], summary: dict[str, Any], console: Console,
+           title: str = "se_inject coverage") -> str:
     cols = ("family", "model", "status", "traced", "sites", "skipped by reason", "verified", "compiled", "s")
     rows = []
     for o in outcomes:
@@ -269,8 +339,8 @@ def render(outcomes: list[Outcome], summary: dict[str, Any], console: Console) -
         verified = "–" if o.max_rel_diff is None else ("yes" if o.status == "handled" else "NO")
         compiled = "–" if o.compiled is None else ("yes" if o.compiled else "no")
         rows.append((o.family, o.model, o.status, o.traced, str(o.sites), skipped, verified, compiled, f"{o.seconds:.1f}"))
-    md = [table(console, "se_inject coverage", cols, rows, align="llllrlllr")]
-    problems = [o for o in outcomes if o.status in ("bug", "refused", "fx-limit", "input") or o.refused]
+    md = [table(console, title, cols, rows, align="llllrlllr")]
+    problems = [o for o in outcomes if o.status in ("bug", "refused", "fx-limit", "input", "skipped") or o.refused]
     if problems:
         md += ["", "Messages:", ""] + [f"- **{o.model}** ({o.status}): {o.message}" for o in problems]
     headline = (f"Handled with verified equivalence: **{summary['handled']} / {summary['with_conv_residual_blocks']}** "
@@ -283,19 +353,32 @@ def render(outcomes: list[Outcome], summary: dict[str, Any], console: Console) -
 def sweep(families: Optional[list[str]] = None, *, size: int = 64, include_torchvision: bool = False,
           compile_model: bool = False, console: Optional[Console] = None) -> list[Outcome]:
     """Run the sweep and return one outcome per model (a rich progress bar while it runs)."""
+    todo = [(family, name, factory, shape, None if family.startswith("torchvision") else _timm_default_shape(name))
+            for family, name, factory, shape in jobs(families, size, include_torchvision)]
+    return _run_all(todo, compile_model, console)
+
+
+def sweep_hf(model_types: Optional[list[str]] = None, *, compile_model: bool = False,
+             console: Optional[Console] = None) -> list[Outcome]:
+    """The transformers group: one outcome per ``*ForImageClassification`` model type."""
+    return _run_all(hf_jobs(model_types), compile_model, console)
+
+
+def _run_all(todo: list[tuple[str, str, Union[Callable, str], Any, Any]], compile_model: bool,
+             console: Optional[Console]) -> list[Outcome]:
     console = console or Console(stderr=True)
-    todo = jobs(families, size, include_torchvision)
     outcomes = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("sweep", total=len(todo))
-        for family, name, factory, shape in todo:
+        for family, name, factory, shape, full in todo:
             progress.update(task, description=f"{family}: {name}")
-            outcome = run_one(family, name, factory, shape, compile_model=compile_model)
-            if outcome.status == "input" and not family.startswith("torchvision"):
-                full = _timm_default_shape(name)  # too small an input for this model: its own size
-                if full != shape:
-                    outcome = run_one(family, name, factory, full, compile_model=compile_model)
+            if isinstance(factory, str):  # not built, for the reason given
+                outcome = Outcome(family, name, [], status="skipped", message=factory)
+            else:
+                outcome = run_one(family, name, factory, shape, compile_model=compile_model)
+                if outcome.status == "input" and full is not None and full != tuple(shape):
+                    outcome = run_one(family, name, factory, full, compile_model=compile_model)  # its own size
             outcomes.append(outcome)
             progress.advance(task)
     return outcomes
@@ -306,20 +389,42 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--families", nargs="+", help="timm families (modules) to sweep (default: all)")
     p.add_argument("--subset", choices=["ci"], help="a named subset of families")
     p.add_argument("--no-torchvision", action="store_true", help="skip the torchvision models")
+    p.add_argument("--hf", action="store_true", help="only the transformers models (coverage-hf.md)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers models")
     p.add_argument("--size", type=int, default=64, help="input side for models without a fixed size")
     p.add_argument("--compile", action="store_true", help="also torch.compile each result (slow)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     families = CI_FAMILIES if args.subset == "ci" else args.families
     console = Console()
-    outcomes = sweep(families, size=args.size, include_torchvision=not args.no_torchvision and families is None,
-                     compile_model=args.compile)
-    summary = summarize(outcomes)
-    markdown = render(outcomes, summary, console)
-    stem = "coverage" if families is None else "coverage-subset"
-    path = write_results(stem, {"summary": summary, "outcomes": [asdict(o) for o in outcomes]}, markdown,
-                         script="coverage.py", argv=argv, out=args.out,
-                         title=f"Coverage (timm {timm.__version__}, torch {torch.__version__})")
+    title = f"Coverage (timm {timm.__version__}, torch {torch.__version__})"
+    data: dict[str, Any] = {}
+    markdown = ""
+    if not args.hf:
+        outcomes = sweep(families, size=args.size, include_torchvision=not args.no_torchvision and families is None,
+                         compile_model=args.compile)
+        summary = summarize(outcomes)
+        markdown = render(outcomes, summary, console)
+        data = {"summary": summary, "outcomes": [asdict(o) for o in outcomes]}
+    if args.hf or (families is None and not args.no_hf):
+        import transformers
+
+        hf_outcomes = sweep_hf(HF_CI if args.subset == "ci" else None, compile_model=args.compile)
+        hf_summary = summarize(hf_outcomes)
+        hf_md = render(hf_outcomes, hf_summary, console, title="transformers *ForImageClassification")
+        hf_data = {"transformers": transformers.__version__, "summary": hf_summary,
+                   "outcomes": [asdict(o) for o in hf_outcomes]}
+        hf_title = f"Coverage of transformers {transformers.__version__} (torch {torch.__version__})"
+        if args.hf:
+            data, markdown, title = hf_data, hf_md, hf_title
+        else:  # the full sweep: the group goes into coverage.md and into coverage-hf.md as --hf writes it
+            data["hf"] = hf_data
+            markdown += f"\n## transformers {transformers.__version__}\n\n" + hf_md
+            if args.subset is None:
+                write_results("coverage-hf", hf_data, hf_md, script="coverage.py", argv=argv, out=args.out,
+                              title=hf_title)
+    stem = "coverage-hf" if args.hf else "coverage" if families is None else "coverage-subset"
+    path = write_results(stem, data, markdown, script="coverage.py", argv=argv, out=args.out, title=title)
     console.print(f"wrote {path} and .json")
 
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import hf
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
@@ -32,12 +33,12 @@ _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParalle
 def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     """One random image batch of size 1 matching the model.
 
-    The size comes from timm's ``pretrained_cfg["input_size"]`` when the model has one, else
-    3x224x224; device and dtype from the model's first floating parameter. A fixed seed keeps
-    results reproducible.
+    The size comes from timm's ``pretrained_cfg["input_size"]`` when the model has one, else from
+    a Hugging Face model's ``config`` (``num_channels``, ``image_size``), else 3x224x224; device
+    and dtype from the model's first floating parameter. A fixed seed keeps results reproducible.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(cfg.get("input_size") or (3, 224, 224))
+    size = tuple(cfg.get("input_size") or hf.default_input_size(model) or (3, 224, 224))
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -142,6 +143,7 @@ def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = Fals
         work, plan, rewrites = _analysed(model, opts, inputs, strict)
         target = model if inplace else work
         if plan.sites:
+            hf.prepare(target)  # transformers' lazy hooks, installed now so that rewritten blocks keep them
             return Injection(install(target, rewrites, opts), plan)
     warn(f"{type(model).__name__} has no residual add that can take an SE block ({plan.skip_summary()}); "
          f"it is returned unchanged.", NoResidualAddsWarning)

@@ -154,18 +154,22 @@ class _Extraction:
         self.by_output = {rw.output_node: rw for rw in outermost}
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
+        # How the module was really called and what it returned, when the search recorded it.
+        self.call = scope.recording.get(self.module) if scope.recording is not None else None
 
     def inputs(self) -> Optional[fx.Node]:
         """Placeholders: the scope's own, or one for the single outside value the block reads."""
         if self.key is None:
+            if self.scope.specialised:  # its graph takes only tensors: callers passing options would break
+                raise _Cannot
             for n in self.nodes:
                 if n.op == "placeholder":
                     self.env[n] = self.graph.node_copy(n)
             return None
         outside = {i for n in self.region for i in n.all_input_nodes if i not in self.region_set}
         name = _single_input_forward(self.module)
-        if len(outside) != 1 or name is None:
-            raise _Cannot
+        if len(outside) != 1 or name is None or (self.call is not None and self.call.passed != 1):
+            raise _Cannot  # the graph takes one input; a caller passing options too would break
         (input_node,) = outside
         self.env[input_node] = self.graph.placeholder(name)
         return input_node
@@ -195,7 +199,14 @@ class _Extraction:
         read_outside = [n for n in self.region if any(u not in self.region_set for u in n.users)]
         if len(read_outside) != 1:
             raise _Cannot
-        self.graph.output(self.env[read_outside[0]])
+        # The caller may have read the module's output through a tuple or ModelOutput that fx
+        # resolved while tracing (``layer(x)[0]``): return that structure again.
+        output = self.env[read_outside[0]]
+        if self.call is not None:
+            output = self.call.output_like(output)
+        if output is None or isinstance(output, dict):  # a ModelOutput would come back a plain dict
+            raise _Cannot
+        self.graph.output(output)
         return read_outside[0]
 
     def identities(self, gm: fx.GraphModule, candidates: list[Candidate], fuse: bool) -> list[Placement]:

@@ -17,6 +17,7 @@ from torch import fx
 
 from . import ops
 from .graph_index import GraphIndex, shape_of
+from .leaf_axis import META_KEY as LEAF_DIM
 
 __all__ = ["Axis", "ChannelAxes", "read_by_channels_last_norm"]
 
@@ -54,6 +55,9 @@ class ChannelAxes:
             return None
         parent = self.index.first_data_input(node)
         m = self.index.module(node)
+        proven = node.meta.get(LEAF_DIM)  # an opaque leaf whose channel dim a real forward proved
+        if m is not None and isinstance(proven, int) and proven < len(shape):
+            return proven, shape[proven]
         if m is not None:
             return self._module_axis(m, parent, shape)
         if node.op == "call_function" and node.target in ops.CONV_FUNCTIONS:
@@ -82,7 +86,7 @@ class ChannelAxes:
         found = ops.module_channel_axis(m, shape)
         if found is not None:
             return found
-        shape_keeping = (isinstance(m, ops.REGULARIZER_TYPES + ops.ATTENTION_TYPES)
+        shape_keeping = (ops.is_regularizer_module(m) or isinstance(m, ops.ATTENTION_TYPES)
                          or ops.is_activation_module(m) or ops.is_pool_module(m))
         if not shape_keeping or parent is None:
             return None

@@ -1,4 +1,5 @@
-"""The ``se-inject`` command: convert timm models by name, report what SE costs, save the result.
+"""The ``se-inject`` command: convert timm models by name (or Hugging Face models saved in a local
+directory), report what SE costs, save the result.
 
 Exit codes: 0 done; 1 a model has no residual add, cannot be traced, or a file is bad; 2 an
 unknown model name or a usage error.
@@ -32,6 +33,7 @@ from .plan import Injection
 from .recipe import save
 from .render import render_plan, render_report, render_summary
 from .report import Report, build_report
+from .sources import Source, from_hf_directory, hf_source, is_hf_directory, timm_source
 from .utils import first_line, version
 
 __all__ = ["main", "build_parser"]
@@ -45,6 +47,8 @@ examples:
   se-inject sites hrnet_w18_small --json         dry run: sites, and skipped adds with reasons
   se-inject convert resnet50 --out se_resnet50 --identity-init
   se-inject convert resnet50 --checkpoint resnet50.safetensors --out se_resnet50
+  se-inject report ./my-resnet                   a Hugging Face model: a directory with config.json
+  se-inject convert ./my-resnet --out se_my_resnet --identity-init
 """
 
 
@@ -82,12 +86,13 @@ def _positive_int(text: str) -> int:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="timm model name(s), or a quoted glob such as 'resnet*'")
+                        help="timm model name(s), a quoted glob such as 'resnet*', or a directory holding a "
+                             "Hugging Face config.json (and optionally its weights, which are then loaded)")
     _add_options(parser)
     parser.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
                         help="example input size (default: the model's pretrained_cfg, else 3 224 224)")
     parser.add_argument("--num-classes", type=int, metavar="N",
-                        help="build the model with N classes (timm's num_classes)")
+                        help="build the model with N classes (timm's num_classes, transformers' num_labels)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true",
                          help="load timm's pretrained weights (needs internet or a local hub cache)")
@@ -136,10 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_models(names: Sequence[str]) -> list[str]:
-    """Expand globs and check every name against timm; raise UnknownModelError with suggestions."""
+    """Expand globs and check every name against timm; raise UnknownModelError with suggestions.
+
+    A name that is an existing directory holding ``config.json`` is a Hugging Face model and kept.
+    """
     resolved: list[str] = []
     for name in names:
-        if any(c in name for c in "*?["):
+        if Path(name).is_dir():
+            if not is_hf_directory(name):
+                raise UnknownModelError(f"{name} is a directory without config.json; a Hugging Face model "
+                                        f"directory is what save_pretrained writes")
+            resolved.append(name)
+        elif any(c in name for c in "*?["):
             matches = timm.list_models(name)
             if not matches:
                 raise UnknownModelError(f"no timm model matches {name!r}")
@@ -167,8 +180,16 @@ def _quiet_hub() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def build_model(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The timm model ``name`` with the weights the arguments ask for, and its creation kwargs."""
+def build_model(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Source]:
+    """The model ``name`` with the weights the arguments ask for, and where it comes from."""
+    if is_hf_directory(name):
+        if args.pretrained and not any(Path(name).glob("*.safetensors")):
+            raise CheckpointError(f"{name} holds no weights (model.safetensors); --pretrained loads the weights "
+                                  f"of a Hugging Face directory, which are loaded anyway when present")
+        model = from_hf_directory(name, num_labels=args.num_classes, weights=args.checkpoint is None)
+        if args.checkpoint is not None:
+            load_checkpoint(model, args.checkpoint)
+        return model, hf_source(model)
     kwargs: dict[str, Any] = {}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
@@ -181,11 +202,11 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, d
                 f"could not fetch pretrained weights for {name} ({type(e).__name__}: "
                 f"{first_line(e) or type(e).__name__}); without internet, download them elsewhere and pass "
                 f"--checkpoint PATH") from None
-        return model, kwargs
+        return model, timm_source(name, kwargs)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if args.checkpoint is not None:
         load_checkpoint(model, args.checkpoint)
-    return model, kwargs
+    return model, timm_source(name, kwargs)
 
 
 def _inputs(model: torch.nn.Module, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
@@ -195,8 +216,8 @@ def _inputs(model: torch.nn.Module, args: argparse.Namespace) -> tuple[torch.Ten
 
 
 def _convert(name: str, args: argparse.Namespace, err: Console
-             ) -> tuple[torch.nn.Module, Injection, tuple[torch.Tensor, ...], dict[str, Any]]:
-    model, kwargs = build_model(name, args)
+             ) -> tuple[torch.nn.Module, Injection, tuple[torch.Tensor, ...], Source]:
+    model, source = build_model(name, args)
     inputs = _inputs(model, args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SEInjectWarning)
@@ -207,21 +228,21 @@ def _convert(name: str, args: argparse.Namespace, err: Console
     for w in caught:
         if not issubclass(w.category, NoResidualAddsWarning):
             err.print(f"[yellow]warning[/yellow] {name}: {escape(str(w.message))}", soft_wrap=True)
-    return model, result, inputs, kwargs
+    return model, result, inputs, source
 
 
 def _run_one(name: str, args: argparse.Namespace, out: Console, err: Console, several: bool
              ) -> tuple[Optional[Report], Optional[dict[str, Any]]]:
     """Do the command for one model; returns its report (report/convert) or its plan (sites)."""
-    model, result, inputs, kwargs = _convert(name, args, err)
+    model, result, inputs, source = _convert(name, args, err)
     if args.command == "sites":
         if not args.json:
             render_plan(name, result.plan, out)
         return None, result.plan.to_dict(name)
     report = build_report(model, result, inputs, model_name=name)
     if args.command == "convert":
-        target = args.out / name if several else args.out
-        recipe = save(result, target, model_name=name, model_kwargs=kwargs, overwrite=args.overwrite)
+        target = args.out / Path(name).name if several else args.out
+        recipe = save(result, target, source=source, overwrite=args.overwrite)
         err.print(escape(f"saved {name} to {target} ({recipe.name}, model.safetensors); "
                          f"load it with se_inject.load({str(target)!r})"))
     if not args.json and (not several or getattr(args, "details", False) or args.command == "convert"):

@@ -26,6 +26,7 @@ __all__ = [
     "REGULARIZER_TYPES",
     "ATTENTION_TYPES",
     "is_primitive_leaf",
+    "is_regularizer_module",
     "module_channel_axis",
     "is_activation_module",
     "is_gate_module",
@@ -160,6 +161,8 @@ def is_activation_module(m: nn.Module) -> bool:
     if type(m).__module__.startswith("timm.layers.activations"):
         return True
     act = getattr(m, "act", None)
+    if act is None:  # Hugging Face's norm-activation layers (BiT's BitGroupNormActivation)
+        act = getattr(m, "activation", None)
     return isinstance(m, NORM_TYPES) and isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
 
 
@@ -176,13 +179,22 @@ def module_has_weight_matrix(m: nn.Module) -> bool:
     return any(p.dim() >= 2 for p in m.parameters())
 
 
+def is_regularizer_module(m: nn.Module) -> bool:
+    """Identity at inference: dropout, drop-path, ``nn.Identity``; also the ``*DropPath`` classes of
+    other libraries (every Hugging Face model has its own), which in eval mode emit no op at all
+    and so must stay whole to keep their train-mode behaviour."""
+    if isinstance(m, REGULARIZER_TYPES):
+        return True
+    return type(m).__name__.endswith("DropPath") and not m._parameters and not m._modules
+
+
 def is_primitive_leaf(m: nn.Module) -> bool:
     """A leaf that cannot hold a residual add: a conv, linear, norm, regulariser, torch.nn layer.
 
     Leaves that are not primitive (timm's no-trace blocks such as ``NormFreeBlock``) are traced on
     their own to look for residual adds inside them.
     """
-    if isinstance(m, LEAF_TYPES) or isinstance(m, _POOL_TYPES + _UPSAMPLE_TYPES):
+    if isinstance(m, LEAF_TYPES) or isinstance(m, _POOL_TYPES + _UPSAMPLE_TYPES) or is_regularizer_module(m):
         return True
     if isinstance(m, nn.Sequential):
         return False
@@ -306,7 +318,7 @@ def is_nonlinear(node: fx.Node, module: Optional[nn.Module]) -> bool:
 def is_regularizer(node: fx.Node, module: Optional[nn.Module]) -> bool:
     """Identity at inference: drop-path, dropout, ``nn.Identity`` (modules or functions)."""
     if module is not None:
-        return isinstance(module, REGULARIZER_TYPES)
+        return is_regularizer_module(module)
     return node.op == "call_function" and target_name(node.target) in ("dropout", "stochastic_depth", "drop_path")
 
 

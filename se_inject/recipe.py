@@ -1,14 +1,15 @@
 """Save a converted model as safetensors weights plus a JSON recipe, and load it back.
 
-Nothing is pickled: the structure is rebuilt from the recipe (the timm model name and kwargs, then
-:func:`se_inject.inject` with the recorded options), the weights are read with safetensors, and
-both are checked: the sites must be the recorded ones, every tensor must be there with its shape,
+Nothing is pickled: the structure is rebuilt from the recipe (the timm model name and kwargs, or the
+transformers class and config, see :mod:`se_inject.sources`; then :func:`se_inject.inject` with the
+recorded options), the weights are read with safetensors, and both are checked: the sites must be the recorded ones, every tensor must be there with its shape,
 and the weights file must have the recorded SHA-256.
 
 A saved directory holds ``recipe.json`` and ``model.safetensors``::
 
     {"format": "se_inject.recipe", "format_version": 1,
      "source": {"library": "timm", "model": "resnet50", "kwargs": {}},
+     (or "source": {"library": "transformers", "model": "ResNetForImageClassification", "config": {...}}),
      "options": {"reduction": 16, "rd_divisor": 8, ...}, "example_input_shape": [1, 3, 224, 224],
      "dtype": "float32", "sites": ["layer1.0.se", ...],
      "weights": {"file": "model.safetensors", "sha256": "..."},
@@ -40,6 +41,7 @@ from .api import inject
 from .errors import OptionError, RecipeError, UnknownModelError
 from .options import SEOptions
 from .plan import Injection
+from .sources import Source, source_for
 from .utils import describe_mismatch, first_line, version
 
 __all__ = ["save", "load", "read_recipe", "RECIPE_FILE", "WEIGHTS_FILE", "FORMAT", "FORMAT_VERSION",
@@ -66,7 +68,7 @@ def _dtype_of(model: nn.Module) -> str:
     return str(param.dtype if param is not None else torch.float32).removeprefix("torch.")
 
 
-def _recipe(result: Injection, model_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _recipe(result: Injection, origin: Source) -> dict[str, Any]:
     try:
         options = result.plan.options.to_dict()
     except OptionError as e:
@@ -74,25 +76,27 @@ def _recipe(result: Injection, model_name: str, kwargs: dict[str, Any]) -> dict[
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "source": {"library": "timm", "model": model_name, "kwargs": kwargs},
+        "source": origin.to_dict(),
         "options": options,
         "example_input_shape": list(result.plan.input_shapes[0]) if result.plan.input_shapes else None,
         "dtype": _dtype_of(result.model),
         "sites": [s.name for s in result.plan.sites],
         "versions": {"se_inject": version(), "torch": torch.__version__, "timm": timm.__version__,
-                     "torchvision": torchvision.__version__},
+                     "torchvision": torchvision.__version__, **origin.versions()},
     }
 
 
 def _check_rebuilds(result: Injection, recipe: dict[str, Any]) -> None:
     """Rebuild the model from ``recipe`` and compare it with ``result.model``: same sites, same
     tensor names, shapes and dtypes. Raises RecipeError saying what differs."""
-    rebuilt = _rebuild(recipe, "the model_name and model_kwargs given to save")
+    source = recipe["source"]
+    given = (f"model_name={source['model']!r} with model_kwargs={source['kwargs']}" if source["library"] == "timm"
+             else f"{source['model']} with its config")
+    rebuilt = _rebuild(recipe, f"the source given to save ({given})")
     mismatch = describe_mismatch(rebuilt.state_dict(), result.model.state_dict())
     if mismatch:
-        source = recipe["source"]
-        raise RecipeError(f"model_name={source['model']!r} with model_kwargs={source['kwargs']} does not rebuild "
-                          f"this model ({mismatch}); pass the name and kwargs it was created with")
+        raise RecipeError(f"{given} does not rebuild this model ({mismatch}); pass the name and kwargs it was "
+                          f"created with")
 
 
 def _write_atomically(model: nn.Module, recipe: dict[str, Any], out: Path) -> Path:
@@ -112,22 +116,26 @@ def save(
     result: Injection,
     directory: Union[str, os.PathLike],
     *,
-    model_name: str,
+    model_name: Optional[str] = None,
     model_kwargs: Optional[Mapping[str, Any]] = None,
+    source: Optional[Source] = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``result`` to ``directory`` as ``model.safetensors`` and ``recipe.json``.
 
-    The model is first rebuilt from ``model_name`` and ``model_kwargs`` with the recorded options,
+    The model is first rebuilt from its source (``model_name`` and ``model_kwargs``, or a
+    transformers model's class and config) with the recorded options,
     and must have the same sites and tensors as ``result.model``; both files are then written
     beside their final names and renamed into place.
 
     Args:
-        result: what :func:`se_inject.inject` returned for a timm model.
+        result: what :func:`se_inject.inject` returned.
         directory: where to write (created if missing).
-        model_name: the timm name the model was built from (``"resnet50"``).
+        model_name: for a timm model, the name it was built from (``"resnet50"``).
         model_kwargs: the keyword arguments it was built with (JSON-serialisable), e.g.
             ``{"num_classes": 10}``.
+        source: where the model comes from, as a :class:`se_inject.sources.Source`, instead of
+            ``model_name``. A transformers model needs neither: its class and config are recorded.
         overwrite: replace a model already saved in ``directory``.
 
     Returns:
@@ -136,20 +144,16 @@ def save(
     Raises:
         RecipeError: a model is saved there and ``overwrite`` is False, ``directory`` is a file,
             the kwargs are not JSON, an option cannot be recorded, or the name and kwargs do not
-            rebuild the model.
-        UnknownModelError: ``model_name`` is not a timm model.
+            rebuild the model, or nothing says how to build it again.
+        UnknownModelError: ``model_name`` is not a timm model (or the class not a transformers one).
     """
-    kwargs = dict(model_kwargs or {})
-    try:
-        json.dumps(kwargs)
-    except TypeError as e:
-        raise RecipeError(f"model_kwargs must be JSON-serialisable to be recorded: {e}") from e
+    origin = source_for(result.model, model_name, model_kwargs, source)
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"{out} is a file; pass a directory to save into")
     if not overwrite and ((out / RECIPE_FILE).exists() or (out / WEIGHTS_FILE).exists()):
         raise RecipeError(f"{out} already holds a saved model; pass overwrite=True (--overwrite) to replace it")
-    recipe = _recipe(result, model_name, kwargs)
+    recipe = _recipe(result, origin)
     _check_rebuilds(result, recipe)
     return _write_atomically(result.model, recipe, out)
 
@@ -161,8 +165,10 @@ def _require(cond: bool, path: Path, what: str) -> None:
 
 def _check_fields(recipe: dict[str, Any], path: Path) -> None:
     source, options, sites, weights = (recipe.get(k) for k in ("source", "options", "sites", "weights"))
-    _require(isinstance(source, dict) and source.get("library") == "timm" and isinstance(source.get("model"), str)
-             and isinstance(source.get("kwargs", {}), dict), path, "source must name a timm model")
+    try:
+        Source.from_dict(source)
+    except ValueError as e:
+        raise RecipeError(f"{path} is not a valid se_inject recipe: {e}") from None
     _require(isinstance(options, dict), path, "options is missing")
     _require(isinstance(sites, list) and all(isinstance(s, str) for s in sites), path, "sites must be a list of names")
     _require(isinstance(weights, dict) and isinstance(weights.get("file"), str)
@@ -207,13 +213,15 @@ def read_recipe(directory: Union[str, os.PathLike]) -> dict[str, Any]:
 
 def _rebuild(recipe: dict[str, Any], where: str) -> nn.Module:
     """The model a recipe describes, with SE at the recorded sites and random weights."""
-    name, kwargs = recipe["source"]["model"], recipe["source"].get("kwargs", {})
-    if not timm.is_model(name):
-        raise UnknownModelError(f"{where} names {name!r}, which timm {timm.__version__} does not have")
+    origin = Source.from_dict(recipe["source"])
+    name = origin.model
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = origin.build()
+    except UnknownModelError as e:
+        raise UnknownModelError(f"{where} names {name!r}, which cannot be built: {e}") from None
     except Exception as e:  # timm raises TypeError, ValueError, ... for kwargs a model does not take
-        raise RecipeError(f"{where}: timm cannot build {name} with kwargs {kwargs}: "
+        what = f"kwargs {dict(origin.kwargs)}" if origin.library == "timm" else "its config"
+        raise RecipeError(f"{where}: {origin.library} cannot build {name} with {what}: "
                           f"{type(e).__name__}: {first_line(e)}") from None
     dtype = getattr(torch, recipe.get("dtype", "float32"))
     model = model.to(dtype)
@@ -251,7 +259,8 @@ def _read_weights(directory: Path, recipe: dict[str, Any]) -> dict[str, torch.Te
 def load(directory: Union[str, os.PathLike]) -> nn.Module:
     """Rebuild a model saved by :func:`save` (or ``se-inject convert``) and load its weights.
 
-    The model is built from the recipe with random weights (timm's ``pretrained=False``) and cast
+    The model is built from the recipe with random weights (timm's ``pretrained=False``, or the
+    transformers class from its recorded config, offline) and cast
     to the recorded dtype (that of its first floating parameter), SE is applied with the recorded
     options, the sites are checked against the recorded list, and the weights are loaded strictly
     from safetensors. Returns the model in eval mode.
@@ -260,7 +269,7 @@ def load(directory: Union[str, os.PathLike]) -> nn.Module:
         RecipeError: the recipe is invalid (see :func:`read_recipe`), the weights file is missing,
             corrupt, truncated or does not match the recipe's checksum, or its tensors do not match
             the model (missing, extra or mis-shaped tensors are named).
-        UnknownModelError: the recipe names a model this timm does not have.
+        UnknownModelError: the recipe names a model this timm (or transformers) does not have.
     """
     directory = Path(directory)
     recipe = read_recipe(directory)

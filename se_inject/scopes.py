@@ -1,8 +1,10 @@
 """Trace a model as a tree of scopes, and give every scope's nodes their shapes.
 
-A *scope* is a module traced as its own root. The model is one scope when fx can trace it whole;
-when it cannot, each child is tried in turn. Leaves that are not primitive (timm's no-trace
-blocks such as ``NormFreeBlock``) become scopes of their own, since they can hold residual adds.
+A *scope* is a module traced as its own root. :mod:`se_inject.scope_search` finds them: the model
+itself when fx can trace it whole, else the traceable modules below it, however deep, with the
+modules fx cannot follow kept as leaves and non-tensor options baked in where a forward takes
+them. Leaves that are not primitive (timm's no-trace blocks such as ``NormFreeBlock``) become
+scopes of their own, since they can hold residual adds.
 
 Shapes come from one forward on the example input: :class:`ShapeRecorder` runs the top scope,
 the inputs each nested scope receives are recorded (:func:`se_inject.capture.recording`), and
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -23,10 +25,11 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .capture import outputs_match, recording
 from .errors import ExampleInputError, TraceError
-from .ops import is_primitive_leaf
+from .leaf_axis import META_KEY, proving_leaf_axes
 from .plan import Untraceable
-from .tracer import trace
-from .utils import describe_error, first_line, join_path
+from .scope_search import Recorder, search
+from .specialize import ForwardFailed, RecordedCall, Recording, trace_as
+from .utils import describe_error, first_line
 
 __all__ = ["Scope", "ShapeRecorder", "discover_scopes", "propagate_shapes", "runnable_scopes"]
 
@@ -42,6 +45,10 @@ class Scope:
         args / kwargs: the inputs it received in the example forward (None if never called).
         calls: how many times it ran in the example forward.
         faithful: whether its traced graph reproduced the module's output in that forward.
+        leaves: modules inside it that fx could not follow, kept whole in ``gm``.
+        call: the recorded call whose non-tensor options are baked into ``gm`` (None when traced
+            plainly); ``gm`` then takes only that call's tensors.
+        recording: every module's recorded call, when the search ran the forward that records them.
     """
 
     path: str
@@ -51,6 +58,26 @@ class Scope:
     kwargs: dict[str, Any] = field(default_factory=dict)
     calls: int = 0
     faithful: bool = True
+    leaves: tuple[nn.Module, ...] = ()
+    call: Optional[RecordedCall] = None
+    recording: Optional[Recording] = None
+
+    @property
+    def specialised(self) -> bool:
+        """Whether options are baked into the graph (it is then never installed as a module)."""
+        return self.call is not None
+
+    def graph_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """The inputs of ``gm`` for a real call ``module(*args, **kwargs)``."""
+        if self.call is not None:
+            return self.call.graph_inputs(self.module, args, kwargs)
+        bound = inspect.signature(self.gm.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return list(bound.arguments.values())
+
+    def retrace(self) -> fx.GraphModule:
+        """Trace the module again as ``gm`` was traced (same leaves, same options)."""
+        return trace_as(self.module, self.leaves, self.call)
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -69,39 +96,19 @@ class _TracedRootFails(Exception):
     """The model's traced graph fails on the example input although the model itself runs."""
 
 
-def discover_scopes(model: nn.Module, *, skip: Optional[dict[str, str]] = None
-                    ) -> tuple[list[Scope], list[Untraceable]]:
-    """Trace ``model`` into scopes, parents before children; report what could not be traced.
+def discover_scopes(model: nn.Module, *, skip: Optional[dict[str, str]] = None,
+                    recorder: Optional[Recorder] = None) -> tuple[list[Scope], list[Untraceable]]:
+    """Trace ``model`` into scopes, parents before children; report what fx cannot follow.
 
     Args:
         skip: module paths not to trace as a whole (their children are tried), with the reason
             to report; used for modules whose traced graph turned out not to run.
+        recorder: the real forward that gives non-tensor options (see :mod:`se_inject.scope_search`).
     """
-    skip = skip or {}
-    scopes: list[Scope] = []
-    untraceable: list[Untraceable] = []
-    seen: set[int] = set()
-
-    def visit(module: nn.Module, path: str) -> None:
-        if id(module) in seen or (path and is_primitive_leaf(module)):
-            return
-        seen.add(id(module))
-        try:
-            if path in skip:
-                raise _NotTraced(skip[path])
-            gm = trace(module)
-        except Exception as e:  # fx raises many types; all mean "not traceable as a whole"
-            untraceable.append(Untraceable(path, str(e) if isinstance(e, _NotTraced) else describe_error(e)))
-            for name, child in module.named_children():
-                visit(child, join_path(path, name))
-            return
-        scopes.append(Scope(path, module, gm))
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                visit(module.get_submodule(node.target), join_path(path, node.target))
-
-    visit(model, "")
-    return scopes, untraceable
+    result = search(model, skip=skip, recorder=recorder)
+    recording = recorder.recording if recorder is not None else None
+    scopes = [Scope(f.path, f.module, f.gm, leaves=f.leaves, call=f.call, recording=recording) for f in result.found]
+    return scopes, result.untraceable
 
 
 class ShapeRecorder(fx.Interpreter):
@@ -134,7 +141,9 @@ class ShapeRecorder(fx.Interpreter):
         return result
 
 
-def _node_path(node: Optional[fx.Node]) -> str:
+def _node_path(node: Union[fx.Node, str, None]) -> str:
+    if isinstance(node, str):
+        return node or "<root>"
     if node is None:
         return "<root>"
     if node.op == "call_module":
@@ -144,13 +153,11 @@ def _node_path(node: Optional[fx.Node]) -> str:
 
 
 def _run_scope(scope: Scope) -> Any:
-    bound = inspect.signature(scope.gm.forward).bind(*(scope.args or ()), **scope.kwargs)
-    bound.apply_defaults()
-    return ShapeRecorder(scope.gm).run(*bound.arguments.values())
+    return ShapeRecorder(scope.gm).run(*scope.graph_inputs(scope.args or (), scope.kwargs))
 
 
 def _example_input_error(model: nn.Module, inputs: tuple[Any, ...], error: Exception,
-                         where: Optional[fx.Node]) -> ExampleInputError:
+                         where: Union[fx.Node, str, None]) -> ExampleInputError:
     shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
     cause = error
     while cause.__cause__ is not None:
@@ -170,7 +177,7 @@ def _run_top(model: nn.Module, top: Optional[Scope], inputs: tuple[Any, ...]) ->
             if recorder is None:
                 return model(*inputs)
             top.args, top.calls = inputs, 1  # type: ignore[union-attr]
-            return recorder.run(*inputs)
+            return recorder.run(*top.graph_inputs(inputs, {}))  # type: ignore[union-attr]
     except Exception as e:
         if recorder is not None:
             try:
@@ -202,8 +209,18 @@ def propagate_shapes(model: nn.Module, scopes: list[Scope], example_inputs: tupl
     """
     top = scopes[0] if scopes and scopes[0].path == "" else None
     nested = [s for s in scopes if s is not top]
-    with recording(s.module for s in nested) as calls:
-        result = _run_top(model, top, example_inputs)
+    with proving_leaf_axes(leaf for s in scopes for leaf in s.leaves) as leaf_dims:
+        with recording(s.module for s in nested) as calls:
+            result = _run_top(model, top, example_inputs)
+        failed = _run_nested(nested, calls)
+    _mark_leaf_dims(scopes, leaf_dims)
+    failed_paths = {f.path for f in failed}
+    scopes[:] = [s for s in scopes if s.path not in failed_paths]
+    return result, failed
+
+
+def _run_nested(nested: list[Scope], calls: dict) -> list[Untraceable]:
+    """Run each nested scope's graph on what its module received; the scopes whose graph fails."""
     failed: list[Untraceable] = []
     with torch.no_grad():
         for scope in nested:
@@ -217,9 +234,17 @@ def propagate_shapes(model: nn.Module, scopes: list[Scope], example_inputs: tupl
                 failed.append(Untraceable(scope.path, f"the traced graph fails to run: {describe_error(e)}"))
                 continue
             scope.faithful = outputs_match(call.output, traced_output) is None
-    failed_paths = {f.path for f in failed}
-    scopes[:] = [s for s in scopes if s.path not in failed_paths]
-    return result, failed
+    return failed
+
+
+def _mark_leaf_dims(scopes: list[Scope], leaf_dims: dict[int, int]) -> None:
+    """Give the call of every leaf whose channel dim was proven that dim (see :mod:`se_inject.leaf_axis`)."""
+    if not leaf_dims:
+        return
+    for scope in scopes:
+        for node in scope.gm.graph.nodes:
+            if node.op == "call_module" and id(scope.gm.get_submodule(node.target)) in leaf_dims:
+                node.meta[META_KEY] = leaf_dims[id(scope.gm.get_submodule(node.target))]
 
 
 def runnable_scopes(model: nn.Module, example_inputs: tuple[Any, ...]
@@ -228,15 +253,21 @@ def runnable_scopes(model: nn.Module, example_inputs: tuple[Any, ...]
 
     Where a traced graph does not run, that module's children are traced instead, and again,
     until every scope runs. Returns the scopes, what could not be traced whole, and the output of
-    the top scope's graph (or of the model, when its root is not traced).
+    the top scope's graph (or of the model, when its root is not traced); whether that graph
+    reproduces the model is checked by :func:`se_inject.pipeline.analyse`, in the forward it runs
+    anyway.
 
     Raises:
         TraceError: no module that could hold a residual add can be traced.
         ExampleInputError: the model does not run on ``example_inputs``.
     """
     skip: dict[str, str] = {}
+    recorder = Recorder(model, example_inputs)
     while True:
-        scopes, untraceable = discover_scopes(model, skip=skip)
+        try:
+            scopes, untraceable = discover_scopes(model, skip=skip, recorder=recorder)
+        except ForwardFailed as e:
+            raise _example_input_error(model, example_inputs, e.error, e.path) from e.error
         if not scopes:
             first = untraceable[0].error if untraceable else "no module"
             raise TraceError(

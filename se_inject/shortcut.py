@@ -65,7 +65,7 @@ def _module_problem(node: fx.Node, m: nn.Module, counts: dict[str, int]) -> Opti
         return None
     if isinstance(m, ops.NORM_TYPES) and not ops.is_activation_module(m):
         return None
-    if isinstance(m, ops.REGULARIZER_TYPES) or ops.is_pool_module(m):
+    if ops.is_regularizer_module(m) or ops.is_pool_module(m):
         return None
     return "heavy-paths", f"shortcut goes through {type(m).__name__} ({node.target})"
 

@@ -7,23 +7,29 @@
   ``DropPath`` / ``StochasticDepth`` keep their train-mode behaviour);
 * the modules and functions of timm's no-trace registry (``timm.layers._fx``), which is what makes
   timm models traceable; se_inject looks inside those leaves separately;
-* se_inject's own :class:`~se_inject.se_block.SEBlock`;
+* se_inject's own :class:`~se_inject.se_block.SEBlock`, and other libraries' ``*DropPath``
+  modules (:func:`~se_inject.ops.is_regularizer_module`);
 * any module object passed in ``extra_leaves``.
+
+A dict that is also a dataclass (transformers' ``ModelOutput``) stays that class in the graph's
+output instead of becoming a plain dict.
 
 Each node records its module path in ``node.meta["nn_module_stack"]`` (fx does this itself).
 
 Tracing runs a module's Python code on Proxies, and that code may write to the module (torchvision's
 ``MultiScaleRoIAlign`` caches ``scales`` on first use): :func:`trace` gives every module its
-attributes back afterwards, so a traced module is left as it was.
+attributes back afterwards, and its public dicts, lists and sets their content (HF LeViT caches
+Proxies in one), so a traced module is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torchvision.ops
 from timm.layers import get_notrace_functions, get_notrace_modules
@@ -31,7 +37,7 @@ from torch import fx, nn
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
 from .block_module import HOOK_DICTS
-from .ops import LEAF_TYPES
+from .ops import LEAF_TYPES, is_regularizer_module
 
 #: fx patches ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while it
 #: traces; two traces at once would restore each other's patches. se_inject traces one at a time.
@@ -57,7 +63,7 @@ class SETracer(LeafModuleAwareTracer):
         self._extra_leaf_ids = {id(m) for m in extra_leaves}
 
     def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
-        if id(m) in self._extra_leaf_ids:
+        if id(m) in self._extra_leaf_ids or is_regularizer_module(m):
             return True
         return super().is_leaf_module(m, module_qualname)
 
@@ -77,6 +83,14 @@ class SETracer(LeafModuleAwareTracer):
         if threading.get_ident() != self._thread:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any) -> Any:
+        # fx checks ``isinstance(a, dict)`` before dataclasses, so a ModelOutput would come out of
+        # the graph as a plain dict: build the same class instead.
+        if isinstance(a, dict) and dataclasses.is_dataclass(a) and not isinstance(a, type):
+            kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), kwargs)
+        return super().create_arg(a)
 
 
 _TABLES = ("_parameters", "_buffers", "_modules")
@@ -106,10 +120,26 @@ def trace(module: nn.Module, *, extra_leaves: Iterable[nn.Module] = ()) -> fx.Gr
 
     Exceptions from fx propagate unchanged.
     """
-    with attributes_kept(module):
+    with attributes_kept(module), _kept_containers(module):
         tracer = SETracer(extra_leaves)
         graph = tracer.trace(module)
         return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+@contextlib.contextmanager
+def _kept_containers(module: nn.Module) -> Iterator[None]:
+    """Give every public dict, list or set attribute under ``module`` back its content after a
+    trace: caches filled during tracing hold Proxies (HF LeViT's ``attention_bias_cache``), which
+    a later trace would pick up as nodes of a finished graph."""
+    kept = [(value, copy) for m in module.modules() for name, value in vars(m).items()
+            if not name.startswith("_") and type(value) in (dict, list, set)
+            for copy in (type(value)(value),)]
+    try:
+        yield
+    finally:
+        for value, copy in kept:
+            value.clear()
+            (value.update if isinstance(value, (dict, set)) else value.extend)(copy)
 
 
 def stash_hooks(model: nn.Module) -> dict[int, dict[str, OrderedDict]]:

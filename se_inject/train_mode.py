@@ -2,20 +2,25 @@
 
 A GraphModule runs one graph, so a block whose Python code branches on ``self.training`` would
 lose its train-mode behaviour once rewritten. Leaves run their own forward at run time and need
-no check; only modules whose code runs inline in the traced graph do, and only those whose
-source mentions ``training`` are traced again in train mode.
+no check; only modules whose code runs inline in the traced graph do (those that emitted nodes,
+and those inside the block that emitted none in eval mode but might in train mode), and only
+those whose code reads ``training`` (comments and strings do not count) are traced again in train
+mode, with the leaves and options of their scope.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import io
+import tokenize
 from typing import Any, Optional
 
-from torch import fx
+from torch import fx, nn
 
+from .scope_search import is_container
 from .scopes import Scope
-from .tracer import trace
+from .tracer import SETracer
 from .utils import kept_training_flags
 
 __all__ = ["TrainModeCheck"]
@@ -37,11 +42,40 @@ def _calls_by_key(graph: fx.Graph) -> Calls:
 
 @functools.lru_cache(maxsize=None)
 def _reads_training(cls: type) -> bool:
-    """Whether the source of ``cls`` mentions ``training`` (True when the source is unknown)."""
+    """Whether the code of ``cls`` names ``training`` (True when the source is unknown)."""
     try:
-        return "training" in inspect.getsource(cls)
-    except (OSError, TypeError):
+        source = inspect.getsource(cls)
+        if "training" not in source:
+            return False
+        tokens = tokenize.generate_tokens(io.StringIO(inspect.cleandoc("\n" + source)).readline)
+        return any(t.type == tokenize.NAME and t.string == "training" for t in tokens)
+    except (OSError, TypeError, tokenize.TokenError, IndentationError, SyntaxError):
         return True
+
+
+def _silent_modules(scope: Scope, key: Optional[str]) -> list[nn.Module]:
+    """Modules inside the block whose code runs inline but emitted no node in eval mode (an HF
+    drop-path computes nothing in eval mode, but would in train mode)."""
+    emitted: set[str] = set()
+    path: Optional[str] = "" if key is None else None
+    for node in scope.gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack", {})
+        emitted.update(p for p, _ in stack.values())
+        if path is None and key in stack:
+            path = stack[key][0]
+    if path is None:
+        return []
+    tracer = SETracer(scope.leaves)
+    silent, todo = [], [(f"{path}.{name}" if path else name, child)
+                        for name, child in scope.module.get_submodule(path).named_children()]
+    while todo:
+        p, m = todo.pop()
+        if not is_container(m) and tracer.is_leaf_module(m, p):
+            continue
+        if p not in emitted and not is_container(m):
+            silent.append(m)
+        todo.extend((f"{p}.{name}", child) for name, child in m.named_children())
+    return silent
 
 
 def _may_differ(scope: Scope, key: Optional[str]) -> bool:
@@ -57,6 +91,8 @@ def _may_differ(scope: Scope, key: Optional[str]) -> bool:
             entries = entries[[k for k, _ in entries].index(key):]
         if any(_reads_training(cls) for _, (_, cls) in entries if isinstance(cls, type)):
             return True
+    if any(_reads_training(type(m)) for m in _silent_modules(scope, key)):
+        return True
     return key is None and _reads_training(type(scope.module))
 
 
@@ -65,7 +101,7 @@ def _train_mode_calls(scope: Scope) -> Optional[Calls]:
     with kept_training_flags(scope.module):
         scope.module.train()
         try:
-            return _calls_by_key(trace(scope.module).graph)
+            return _calls_by_key(scope.retrace().graph)
         except Exception:
             return None
 

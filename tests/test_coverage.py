@@ -1,4 +1,5 @@
-"""The coverage sweep's CI subset: ~15 timm families of every kind, each verified end to end."""
+"""The coverage sweep's CI subset: ~15 timm families of every kind, and 5 transformers models, each
+verified end to end."""
 
 import pytest
 
@@ -55,3 +56,32 @@ def test_every_family_with_conv_residual_blocks_is_handled_and_none_is_wrong(cov
     summary = coverage.summarize(list(outcomes.values()))
     assert summary["silently_wrong"] == 0 and "bug" not in summary["by_status"]
     assert summary["handled"] == summary["with_conv_residual_blocks"] == sum(1 for s, _ in EXPECTED.values() if s)
+
+
+HF_EXPECTED = {  # transformers model type: (sites, reasons that must appear among the skipped adds)
+    "resnet": (16, set()),
+    "convnext": (18, set()),
+    "mobilenet_v2": (10, set()),  # inside opaque TF-padding conv layers, channel dim proven
+    "poolformer": (12, {"no-conv-branch"}),  # blocks return (x,); the pooling mixer has no conv
+    "mobilenet_v1": (0, set()),  # no residual add at all
+}
+
+
+@pytest.fixture(scope="module")
+def hf_outcomes(coverage):
+    pytest.importorskip("transformers")
+    return {o.model: o for o in coverage.sweep_hf(coverage.HF_CI)}
+
+
+def test_hf_ci_subset_is_the_expected_models(coverage):
+    assert sorted(coverage.HF_CI) == sorted(HF_EXPECTED)
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_EXPECTED))
+def test_hf_model_outcome(coverage, hf_outcomes, model_type):
+    (outcome,) = [o for o in hf_outcomes.values() if o.model == coverage.hf_jobs([model_type])[0][1]]
+    sites, reasons = HF_EXPECTED[model_type]
+    assert outcome.status == ("handled" if sites else "no-residual"), outcome.message
+    assert outcome.sites == sites and reasons <= set(outcome.skipped)
+    if sites:
+        assert outcome.max_rel_diff is not None and outcome.max_rel_diff <= 1e-4

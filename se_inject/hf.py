@@ -1,0 +1,56 @@
+"""What se_inject does differently for Hugging Face transformers models.
+
+Nothing here imports transformers unless the model already comes from it (``import se_inject``
+must not pull it in): a model is a transformers model only if transformers is already imported.
+
+* :func:`prepare` installs transformers' output-capturing hooks before the analysis. transformers
+  installs them lazily, the first time ``output_hidden_states=True`` is asked for, on modules
+  matched with ``isinstance``; a block that se_inject rewrote is a ``GraphModule`` and would be
+  missed, and its hidden state silently dropped. Installed beforehand, the hooks move with the
+  block like any other hook.
+* :func:`default_input_size` reads ``num_channels`` and ``image_size`` from the model's config.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from torch import nn
+
+__all__ = ["is_hf_model", "prepare", "default_input_size"]
+
+
+def is_hf_model(model: Any) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (False when transformers is not imported)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not type(model).__module__.startswith("transformers."):
+        return False
+    return isinstance(model, transformers.PreTrainedModel)
+
+
+def prepare(model: nn.Module) -> None:
+    """Install transformers' output-capturing hooks on every transformers model under ``model``."""
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers before the hook-based output capture
+        return
+    for m in model.modules():
+        if is_hf_model(m) and getattr(m, "_can_record_outputs", None):
+            maybe_install_capturing_hooks(m)
+
+
+def default_input_size(model: nn.Module) -> Optional[tuple[int, int, int]]:
+    """(channels, height, width) from a transformers model's config, or None."""
+    if not is_hf_model(model):
+        return None
+    config = model.config
+    channels = getattr(config, "num_channels", None) or 3
+    size = getattr(config, "image_size", None)
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(channels), int(size[0]), int(size[1])
+    if isinstance(size, int) and size > 0:
+        return int(channels), size, size
+    return None

@@ -1,0 +1,176 @@
+"""Hugging Face transformers vision models (issue 14): sites, the kept class, what fx cannot follow,
+save_pretrained, recipes from a local config directory, the CLI, and the import boundary.
+
+Every model is built from a config with random weights; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import se_inject
+from se_inject import CheckpointError
+from se_inject.cli import main
+from se_inject.sources import from_hf_directory
+from se_inject.specialize import trace_as
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+X = torch.randn(2, 3, 64, 64)
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+CASES = {  # id: (class, config, sites, classes fx cannot follow)
+    "resnet50": (ResNetForImageClassification, lambda: ResNetConfig(), 16, {"ResNetEmbeddings"}),
+    "resnet18-basic": (ResNetForImageClassification, lambda: ResNetConfig(
+        layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512]), 8, {"ResNetEmbeddings"}),
+    "convnext": (ConvNextForImageClassification, lambda: ConvNextConfig(), 18, {"ConvNextEmbeddings"}),
+    "mobilenet_v2": (MobileNetV2ForImageClassification, lambda: MobileNetV2Config(), 10, {"MobileNetV2ConvLayer"}),
+}
+
+
+def build(case: str) -> torch.nn.Module:
+    cls, config, _, _ = CASES[case]
+    torch.manual_seed(0)
+    return cls(config()).eval()
+
+
+def test_import_se_inject_does_not_import_transformers():
+    code = "import se_inject, se_inject.cli, sys; assert 'transformers' not in sys.modules, 'imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sites_identity_outputs_kept_class_and_untraceable(case):
+    cls, _, sites, opaque = CASES[case]
+    model = build(case)
+    result = se_inject.inject(model, example_inputs=X, identity_init=True)
+    assert len(result.plan.sites) == sites
+    converted = result.model.eval()
+    assert type(converted) is cls and converted.config is not None
+    with torch.no_grad():
+        expected, got = model(X), converted(X)
+        # identity init is exact up to float rounding; HF ResNet-50's logits reach ~16 (rtol)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+        hidden = converted(X, output_hidden_states=True).hidden_states
+        assert len(hidden) == len(model(X, output_hidden_states=True).hidden_states)
+    assert {type(model.get_submodule(u.path)).__name__ for u in result.plan.untraceable} == opaque
+    for u in result.plan.untraceable:  # fx fails on the module's own code, its children kept whole
+        module = model.get_submodule(u.path)
+        with pytest.raises(Exception):
+            trace_as(module, list(module.children()))
+
+
+TOKEN_MODELS = {  # small configs of transformers whose residual adds are all on tokens
+    "vit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8),
+    "dinov2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                   patch_size=8),
+    "swin": dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TOKEN_MODELS))
+def test_token_models_get_no_se_and_say_why(model_type):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as names
+
+    config = transformers.AutoConfig.for_model(model_type, **TOKEN_MODELS[model_type])
+    model = getattr(transformers, names[model_type])(config).eval()
+    plan = se_inject.find_sites(model, example_inputs=torch.randn(2, 3, 32, 32))
+    assert not plan.sites and plan.skipped_by_reason().get("channels-last")
+
+
+@pytest.mark.slow
+def test_forward_with_labels_save_pretrained_and_loading_back(tmp_path):
+    model = se_inject.apply(build("resnet18-basic"), example_inputs=X, reduction=8)
+    loss = model(pixel_values=X, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    assert loss.ndim == 0 and model.resnet.encoder.stages[0].layers[0].se.fc1.weight.grad is not None
+    model.eval().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == ["ResNetForImageClassification"]
+    import safetensors.torch
+
+    state = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    assert set(state) == set(model.state_dict()) and "resnet.encoder.stages.0.layers.0.se.fc1.weight" in state
+    # The README's way back: build from the config, apply with the same options, load strictly.
+    config = transformers.AutoConfig.from_pretrained(tmp_path, local_files_only=True)
+    again = se_inject.apply(ResNetForImageClassification(config).eval(), example_inputs=X, reduction=8)
+    again.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(X).logits, model(X).logits)
+
+
+@pytest.mark.slow
+def test_recipe_round_trip_of_a_resnet50_from_a_local_config_directory_offline(tmp_path, monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    source = tmp_path / "resnet50"
+    source.mkdir()
+    ResNetConfig(num_labels=5, architectures=["ResNetForImageClassification"]).save_pretrained(source)  # config only
+    model = from_hf_directory(source)
+    result = se_inject.inject(model, example_inputs=X, identity_init=True)
+    se_inject.save(result, tmp_path / "se")  # the source comes from the model's class and config
+    recipe = json.loads((tmp_path / "se" / "recipe.json").read_text())
+    assert recipe["format_version"] == 1 and recipe["source"]["library"] == "transformers"
+    assert recipe["source"]["model"] == "ResNetForImageClassification"
+    assert len(recipe["source"]["config"]["id2label"]) == 5 and "transformers" in recipe["versions"]
+    assert len(recipe["sites"]) == 16
+    loaded = se_inject.load(tmp_path / "se")
+    assert type(loaded) is ResNetForImageClassification
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "se_inject", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+
+
+SMALL = ResNetConfig(layer_type="basic", depths=[1, 1], hidden_sizes=[16, 32], embedding_size=16, num_labels=3)
+
+
+@pytest.mark.slow
+def test_cli_converts_a_local_directory_with_weights_and_the_recipe_loads(tmp_path):
+    source = tmp_path / "my-resnet"
+    torch.manual_seed(0)
+    original = ResNetForImageClassification(SMALL).eval()
+    original.save_pretrained(source)
+    out = tmp_path / "se-resnet"
+    done = cli("convert", str(source), "--out", str(out), "--identity-init", "--json", "--input-size", "3", "64", "64")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # what `se-inject report DIR --json` prints
+    assert len(report["sites"]) == 2 and [u["path"] for u in report["untraceable"]] == ["resnet.embedder"]
+    loaded = se_inject.load(out)  # built from the recipe alone, with the directory's weights converted
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X).logits, original(X).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_refuses_a_directory_without_config(tmp_path, capsys):
+    assert main(["sites", str(tmp_path)]) == 2
+    assert "without config.json" in capsys.readouterr().err
+
+
+def test_a_directory_whose_weights_do_not_match_is_refused(tmp_path):
+    ResNetForImageClassification(SMALL).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_sizes": [16, 48]}))
+    with pytest.raises(CheckpointError, match="do not match|could not load"):
+        from_hf_directory(tmp_path)
