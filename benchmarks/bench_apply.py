@@ -135,9 +135,10 @@ def main_hf(args: argparse.Namespace, argv: Optional[list[str]], console: Consol
                f"threads · torch {torch.__version__}",
                ("model", "sites", "forward s", "apply s", "apply range s", "apply / forward", "apply CPU s"), cells)
     note = (f"HF / timm apply time: **{result['ratio']:.2f}x** wall, {result['cpu_ratio']:.2f}x CPU time. Medians "
-            f"over {args.rounds} interleaved rounds (`inject`, deep copy included). The HF model needs the deep scope search: its root traces only with "
-            f"`resnet.embedder` as a leaf and its options baked in, and the forward that records the options is "
-            f"also the one that checks the traced model.")
+            f"over {args.rounds} interleaved rounds (`inject`, deep copy included). The HF model needs the deep "
+            f"scope search: its root traces only with `resnet.embedder` as a leaf and its options baked in, "
+            f"which costs a forward that records every module's call, more trace attempts, and the proof of "
+            f"the leaf's channel dim in the shape pass.")
     console.print(note)
     path = write_results("apply-hf", {"threads": torch.get_num_threads(), **result}, md + f"\n{note}\n",
                          script="bench_apply.py", argv=argv, out=args.out)
