@@ -143,8 +143,8 @@ def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = Fals
         work, plan, rewrites = _analysed(model, opts, inputs, strict)
         target = model if inplace else work
         if plan.sites:
-            hf.prepare(target)  # transformers' lazy hooks, installed now so that rewritten blocks keep them
-            return Injection(install(target, rewrites, opts), plan)
+            with hf.prepared(target):  # transformers' lazy hooks, installed now so that rewritten blocks keep them
+                return Injection(install(target, rewrites, opts), plan)
     warn(f"{type(model).__name__} has no residual add that can take an SE block ({plan.skip_summary()}); "
          f"it is returned unchanged.", NoResidualAddsWarning)
     return Injection(target, plan)

@@ -3,22 +3,24 @@
 Nothing here imports transformers unless the model already comes from it (``import se_inject``
 must not pull it in): a model is a transformers model only if transformers is already imported.
 
-* :func:`prepare` installs transformers' output-capturing hooks before the analysis. transformers
+* :func:`prepared` installs transformers' output-capturing hooks before the swap. transformers
   installs them lazily, the first time ``output_hidden_states=True`` is asked for, on modules
   matched with ``isinstance``; a block that se_inject rewrote is a ``GraphModule`` and would be
   missed, and its hidden state silently dropped. Installed beforehand, the hooks move with the
-  block like any other hook.
+  block like any other hook; if the swap fails, they are taken off again.
 * :func:`default_input_size` reads ``num_channels`` and ``image_size`` from the model's config.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Optional
+from collections import OrderedDict
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
-__all__ = ["is_hf_model", "prepare", "default_input_size"]
+__all__ = ["is_hf_model", "prepare", "prepared", "default_input_size"]
 
 
 def is_hf_model(model: Any) -> bool:
@@ -40,6 +42,34 @@ def prepare(model: nn.Module) -> None:
     for m in model.modules():
         if is_hf_model(m) and getattr(m, "_can_record_outputs", None):
             maybe_install_capturing_hooks(m)
+
+
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_INSTALLED = "_output_capturing_hooks_installed"
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module) -> Iterator[None]:
+    """:func:`prepare` ``model`` for the ``with`` body; if the body raises, every module gets its
+    forward hooks (and transformers' installed flag) back as they were."""
+    if "transformers" not in sys.modules:
+        yield
+        return
+    saved = [(m, {name: OrderedDict(getattr(m, name)) for name in _FORWARD_HOOKS if hasattr(m, name)},
+              vars(m).get(_INSTALLED, _INSTALLED)) for m in model.modules()]
+    prepare(model)
+    try:
+        yield
+    except BaseException:
+        for m, hooks, flag in saved:
+            for name, entries in hooks.items():
+                getattr(m, name).clear()
+                getattr(m, name).update(entries)
+            if flag is _INSTALLED:
+                vars(m).pop(_INSTALLED, None)
+            else:
+                m.__dict__[_INSTALLED] = flag
+        raise
 
 
 def default_input_size(model: nn.Module) -> Optional[tuple[int, int, int]]:

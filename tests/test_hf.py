@@ -198,3 +198,35 @@ def test_a_directory_whose_weights_do_not_match_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_sizes": [16, 48]}))
     with pytest.raises(CheckpointError, match="do not match|could not load"):
         from_hf_directory(tmp_path)
+
+
+def test_a_failed_inplace_swap_takes_transformers_capture_hooks_off_again():
+    """se_inject installs transformers' output-capturing hooks (ConvNeXt records its stages) just
+    before the swap; when the swap fails (a registration hook raises), the model gets its hooks back
+    as they were, and the swap goes through once nothing fails."""
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    torch.manual_seed(0)
+    model = ConvNextForImageClassification(ConvNextConfig(depths=[1, 1], hidden_sizes=[16, 32], num_stages=2,
+                                                          num_labels=3)).eval()
+
+    def hooks(m: torch.nn.Module) -> list:
+        return [(name, list(sub._forward_hooks), "_output_capturing_hooks_installed" in vars(sub))
+                for name, sub in m.named_modules()]
+
+    before = hooks(model)
+
+    def fail(module, name, submodule):
+        if type(submodule).__name__ == "ConvNextLayer":  # a rewritten block going in
+            raise RuntimeError("injected fault")
+
+    handle = register_module_module_registration_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="injected fault"):
+            se_inject.apply(model, example_inputs=X, inplace=True)
+    finally:
+        handle.remove()
+    assert hooks(model) == before
+    se_inject.apply(model, example_inputs=X, inplace=True)
+    assert hooks(model) != before  # the capture hooks really are installed by a swap that succeeds
+    assert len(model(X, output_hidden_states=True).hidden_states) == 3
