@@ -75,6 +75,33 @@ def _gated_product(g: GraphIndex, branch_nodes: Sequence[fx.Node]) -> Optional[s
     return None
 
 
+def _readers(g: GraphIndex, node: fx.Node) -> list[fx.Node]:
+    """What reads ``node``'s result: its users, and for an in-place add, later users of its target."""
+    readers = list(node.users)
+    if ops.is_inplace_add(node) and node.args and isinstance(node.args[0], fx.Node):
+        readers += [u for u in node.args[0].users if u is not node and g.position[u] > g.position[node]]
+    return readers
+
+
+def _after_add(g: GraphIndex, add: fx.Node) -> Optional[str]:
+    """An attention module that is the add's only reader, or the only reader of the one activation
+    that reads the add: where ``apply(position="post")`` puts it."""
+    node = add
+    for _ in range(2):
+        readers = _readers(g, node)
+        if len(readers) != 1:
+            return None
+        node = readers[0]
+        m = g.module(node)
+        if m is not None and isinstance(m, ops.ATTENTION_TYPES):
+            return f"{type(m).__name__} at {node.target} after {add.name}"
+        if not ((m is not None and ops.is_activation_module(m)) or ops.is_activation_call(node.op, node.target)):
+            return None
+    return None
+
+
 def find_attention(g: GraphIndex, add: fx.Node, branch_nodes: Sequence[fx.Node]) -> Optional[str]:
-    """A description of the channel attention found on the branch of ``add``, or None."""
-    return _attention_module(g, add, branch_nodes) or _gated_product(g, branch_nodes)
+    """A description of the channel attention found on the branch of ``add`` or right after it
+    (after its activation), or None. Attention on the shortcut is found by
+    :func:`se_inject.shortcut.shortcut_problem`."""
+    return _attention_module(g, add, branch_nodes) or _gated_product(g, branch_nodes) or _after_add(g, add)
