@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
+from .placement import Placement, describe
 from .scopes import Scope
 from .sites import ResidualAdd
 from .tracer import graph_module_like
@@ -46,13 +47,18 @@ class Candidate:
     """A residual add on its way to a block: which modules could hold it, innermost first.
 
     ``owners`` holds (``nn_module_stack`` key, or None for the scope root; module path) pairs;
-    ``level`` is the one currently tried.
+    ``level`` is the one currently tried. ``placement`` is where a ``position`` other than
+    ``"branch"`` puts the module (None: before the add, at ``verdict.tail``); ``where`` describes
+    it in the block, and ``module`` is the module built for it.
     """
 
     scope: Scope
     verdict: ResidualAdd
     owners: list[tuple[Optional[str], str]]
     level: int = 0
+    placement: Optional[Placement] = None
+    where: str = ""
+    module: Optional[nn.Module] = None
 
     @classmethod
     def of(cls, scope: Scope, verdict: ResidualAdd) -> "Candidate":
@@ -179,12 +185,19 @@ class _Extraction:
         points, placements, taken = [], [], set()
         for cand in candidates:
             v = cand.verdict
-            tail, consumer = self.env.get(v.tail), self.env.get(v.consumer)
-            if tail is None or consumer is None or v.consumer in self.collapsed:
-                raise _Cannot
+            if cand.placement is not None:
+                found = cand.placement.resolve(self.env, self.collapsed, gm)
+                if found is None:
+                    raise _Cannot
+                tail, (consumer, *also) = found
+            else:
+                tail, consumer, also = self.env.get(v.tail), self.env.get(v.consumer), []
+                if tail is None or consumer is None or v.consumer in self.collapsed:
+                    raise _Cannot
             name = free_attribute_name(gm, "se", taken)
             taken.add(name)
-            points.append(InsertionPoint(tail, consumer, name, CopyingIdentity()))
+            cand.where = describe(tail, [consumer, *also])
+            points.append(InsertionPoint(tail, consumer, name, CopyingIdentity(), tuple(also)))
             placements.append((name, cand))
         insert_modules(gm, points)
         return placements

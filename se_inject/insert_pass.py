@@ -27,12 +27,15 @@ class InsertionPoint:
         consumer: a user of ``tail`` (the residual add, or a drop-path in front of it).
         name: attribute name for the new module (see :func:`free_attribute_name`).
         module: the module to insert.
+        also: more users of ``tail`` that read the module instead, after ``consumer`` in the graph
+            (``position="post"``: every reader of a block's output; ``"pre"``: of its input).
     """
 
     tail: fx.Node
     consumer: fx.Node
     name: str
     module: nn.Module
+    also: tuple[fx.Node, ...] = ()
 
 
 def free_attribute_name(gm: nn.Module, base: str, taken: set[str]) -> str:
@@ -76,8 +79,9 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict
     """
     graph = gm.graph
     for point in points:
-        if point.tail not in point.consumer.all_input_nodes:
-            raise ValueError(f"{point.consumer.format_node()} does not read {point.tail.format_node()}")
+        for reader in (point.consumer, *point.also):
+            if point.tail not in reader.all_input_nodes:
+                raise ValueError(f"{reader.format_node()} does not read {point.tail.format_node()}")
         if point.name in dict(gm.named_children()):
             raise ValueError(f"{type(gm).__name__} already has a submodule named {point.name!r}")
 
@@ -89,7 +93,8 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict
         gm.add_submodule(point.name, point.module)
         with graph.inserting_before(point.consumer):
             node = graph.call_module(point.name, (point.tail,))
-        point.consumer.replace_input_with(point.tail, node)
+        for reader in (point.consumer, *point.also):
+            reader.replace_input_with(point.tail, node)
         if is_inplace_add(point.consumer) and point.consumer.args[0] is node:
             later = [u for u in point.tail.users if position.get(u, -1) > position[point.consumer]]
             for user in later:

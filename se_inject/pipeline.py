@@ -20,10 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import build_sites_modules, site_record
 from .blocks import BlockRewrite, Candidate, build_blocks, skip_name
 from .capture import outputs_match
 from .errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
+from .graph_index import GraphIndex
 from .options import SEOptions
+from .placement import locate
 from .plan import Site, SitePlan, Skip
 from .scopes import Scope, runnable_scopes
 from .sites import SkippedAdd, classify_adds
@@ -41,6 +44,7 @@ def _candidates(scopes: list[Scope], options: SEOptions, plan: SitePlan) -> list
     for scope in scopes:
         if scope.args is None:
             continue
+        index = GraphIndex(scope.gm) if options.position != "branch" else None
         for verdict in classify_adds(scope.gm, batch_size=scope.batch_size):
             if isinstance(verdict, SkippedAdd):
                 plan.skipped.append(Skip(skip_name(scope, verdict.add), verdict.reason, verdict.detail))
@@ -50,10 +54,16 @@ def _candidates(scopes: list[Scope], options: SEOptions, plan: SitePlan) -> list
             if scope.calls > 1 or any("@" in k for k in verdict.scope_keys):
                 plan.skipped.append(Skip(cand.name, "shared-module", f"{block or '<root>'} runs more than once"))
                 continue
+            where = locate(index, verdict, options.position) if index is not None else None
+            if isinstance(where, tuple):  # no such place in this block (position="mid": no-mid-point)
+                plan.skipped.append(Skip(cand.name, *where))
+                continue
+            cand.placement = where
+            channels = where.channels if where is not None else verdict.channels
             if not options.selects(block):
                 reason = f"block {block or '<root>'} not selected by include/exclude"
-            elif verdict.channels < options.min_channels:
-                reason = f"{verdict.channels} channels < min_channels={options.min_channels}"
+            elif channels < options.min_channels:
+                reason = f"{channels} channels < min_channels={options.min_channels}"
             else:
                 candidates.append(cand)
                 continue
@@ -94,9 +104,9 @@ def _add_sites(plan: SitePlan, verified: list[BlockRewrite], candidates: list[Ca
                     key=lambda t: t[0])
     for _, rw, name, cand in placed:
         v = cand.verdict
-        plan.sites.append(Site(name=join_path(rw.path, name), block=rw.path, channels=v.channels,
-                               hidden=plan.options.hidden(v.channels), shape=v.shape,
-                               shortcut=" > ".join(v.shortcut_ops) or "identity", add=v.add.name))
+        plan.sites.append(Site(name=join_path(rw.path, name), block=rw.path,
+                               shortcut=" > ".join(v.shortcut_ops) or "identity", add=v.add.name,
+                               **site_record(cand, plan.options)))
 
 
 def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...], strict: bool
@@ -122,6 +132,7 @@ def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...
             _refuse(rw, problems[rw.path], plan, strict)
         else:
             verified.append(rw)
+    build_sites_modules(verified, options)  # built and checked here: an error leaves the model as it is
     _add_sites(plan, verified, candidates)
     return plan, verified
 
@@ -135,11 +146,8 @@ def install(model: nn.Module, rewrites: list[BlockRewrite], options: SEOptions,
     """
     for rw in rewrites:
         mode = training.get(id(rw.module), False)
-        param = next((p for p in rw.module.parameters() if p.is_floating_point()), None)
         for name, cand in rw.placements:
-            v = cand.verdict
-            se = options.make_block(v.channels, len(v.shape) - 2, device=param.device if param is not None else None,
-                                    dtype=v.dtype)
+            se = cand.module  # built and checked by analyse (attention.build_sites_modules)
             setattr(rw.gm, name, se.train(mode))
         rw.gm.training = mode
         copy_hooks(rw.module, rw.gm)
