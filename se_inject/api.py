@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import rng_kept
 from .errors import NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
@@ -158,6 +159,6 @@ def find_sites(model: nn.Module, *, example_inputs: Any = None, strict: bool = F
     opts = SEOptions.from_kwargs(options, caller="find_sites")
     _check_flag("strict", strict)
     inputs = _as_inputs(model, example_inputs)
-    with gc_paused():
+    with gc_paused(), rng_kept(model):  # the modules analyse builds must not draw from the caller's RNG
         plan, _, _ = _analysed(copy.deepcopy(model), opts, inputs, strict)
     return plan

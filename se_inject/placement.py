@@ -188,7 +188,9 @@ def locate(g: GraphIndex, v: ResidualAdd, position: str) -> Union[Placement, tup
 
 
 def describe(tail: fx.Node, readers: list[fx.Node]) -> str:
-    """``"bn3 -> add"``: what the module reads and what reads it, by module path or node name."""
+    """``"bn3 -> add"``: what the module reads and what reads it, by module path or function name."""
     def label(n: fx.Node) -> str:
-        return {"placeholder": "input", "output": "output"}.get(n.op, str(n.target) if n.op == "call_module" else n.name)
+        if n.op in ("placeholder", "output"):
+            return "input" if n.op == "placeholder" else "output"
+        return str(n.target) if n.op == "call_module" else str(ops.target_name(n.target) or n.name)
     return f"{label(tail)} -> {', '.join(label(r) for r in readers)}"
