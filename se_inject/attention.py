@@ -52,13 +52,7 @@ class AttentionDefault:
     def __repr__(self) -> str:
         return f"<{self.se_value!r} for se, else the attention's own>"
 
-    def __copy__(self) -> "AttentionDefault":
-        return self
-
-    def __deepcopy__(self, memo: dict) -> "AttentionDefault":
-        return self
-
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple:  # copies and pickles are the one default of that name
         return _default_named, (self.name,)
 
 

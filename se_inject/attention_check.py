@@ -1,11 +1,13 @@
-"""Whether a residual branch already has channel attention.
+"""Whether a residual block already has channel attention.
 
 By module: SE / ESE / ECA / CBAM / GE / GC / SK / SplitAttn modules (timm's, torchvision's
 ``SqueezeExcitation``, se_inject's own ``SEBlock``) on the branch, called as leaves or holding
 branch nodes in their ``nn_module_stack``. By pattern: a product of two data tensors where one
 operand, walked back through shape ops and scalar scaling, is a sigmoid / hard-sigmoid / softmax
 gate on a tensor at least 4x smaller than the product (a pooled, per-channel gate). Softmax split
-attention (SK, ResNeSt) counts: it reweights channels from pooled statistics, as SE would.
+attention (SK, ResNeSt) counts: it reweights channels from pooled statistics, as SE would. After
+the add: an attention module reading the add, or the one activation that reads it (where
+``position="post"`` puts it); on the shortcut, :mod:`se_inject.shortcut` reports it.
 """
 
 from __future__ import annotations
