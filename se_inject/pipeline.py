@@ -41,6 +41,7 @@ def _candidates(scopes: list[Scope], options: SEOptions, plan: SitePlan) -> list
     """Classify every add; record the skipped ones in ``plan`` and return the residual ones."""
     candidates: list[Candidate] = []
     filtered_blocks: list[str] = []
+    placeless: list[str] = []  # blocks without a place for the position (no-mid-point)
     for scope in scopes:
         if scope.args is None:
             continue
@@ -57,6 +58,7 @@ def _candidates(scopes: list[Scope], options: SEOptions, plan: SitePlan) -> list
             where = locate(index, verdict, options.position) if index is not None else None
             if isinstance(where, tuple):  # no such place in this block (position="mid": no-mid-point)
                 plan.skipped.append(Skip(cand.name, *where))
+                placeless.append(block)
                 continue
             cand.placement = where
             channels = where.channels if where is not None else verdict.channels
@@ -69,14 +71,14 @@ def _candidates(scopes: list[Scope], options: SEOptions, plan: SitePlan) -> list
                 continue
             plan.skipped.append(Skip(cand.name, "filtered", reason))
             filtered_blocks.append(block)
-    _check_filters(options, filtered_blocks, [c.owner_path for c in candidates])
+    _check_filters(options, filtered_blocks, [c.owner_path for c in candidates], placeless)
     return candidates
 
 
-def _check_filters(options: SEOptions, filtered: list[str], selected: list[str]) -> None:
+def _check_filters(options: SEOptions, filtered: list[str], selected: list[str], placeless: list[str]) -> None:
     """Refuse filters that cannot be meant: an include pattern matching no block, or no block left."""
     if options.include is not None:
-        blocks = filtered + selected
+        blocks = filtered + selected + placeless
         for pattern in options.include:
             if not any(fnmatch.fnmatchcase(b, pattern) for b in blocks):
                 raise OptionError(f"include pattern {pattern!r} matches no block with a residual add; "
