@@ -233,7 +233,8 @@ def check_options(options: Any) -> None:
     if options.identity_init and spec.zero is None:
         raise OptionError(f"identity_init is not possible for attn={label!r}: {spec.no_identity}")
     try:
-        module = build_module(options, 64, 2)
+        with torch.random.fork_rng(devices=[]):  # a trial: it must not draw from the caller's RNG
+            module = build_module(options, 64, 2)
     except OptionError:
         raise
     except Exception as e:
@@ -321,7 +322,7 @@ def check_module(module: nn.Module, label: str, site: str, shape: tuple[int, ...
     except Exception as e:
         raise OptionError(f"attn={label} does not run at {site} on its {list(shape)} {dtype} input: "
                           f"{describe_error(e)}" + (" (timm's attention modules take (N, C, H, W) inputs only)"
-                                                    if len(shape) != 4 else "")) from e
+                                                    if len(shape) != 4 and label in ATTENTIONS else "")) from e
     finally:
         module.train(training)
     if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
