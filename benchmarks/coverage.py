@@ -15,8 +15,11 @@ the result. Every outcome is classified:
     python benchmarks/coverage.py                      # every timm family + torchvision, ~10 min
     python benchmarks/coverage.py --subset ci          # the CI subset
     python benchmarks/coverage.py --families resnet convnext --compile
+    python benchmarks/coverage.py --attn eca       # another attention (identity init, verified the same way)
+    python benchmarks/coverage.py --position mid   # another placement
 
-Results: ``benchmarks/results/coverage.md`` and ``coverage.json``.
+Results: ``benchmarks/results/coverage.md`` and ``coverage.json``; with ``--attn`` / ``--position``,
+``coverage-<attn>-<position>.md`` / ``.json`` (the defaults left out of the name: ``coverage-eca``).
 """
 
 from __future__ import annotations
@@ -143,8 +146,8 @@ def _torchvision_factory(kind: str, name: str, size: int) -> tuple[Callable[[], 
 
 
 def run_one(family: str, model_name: str, factory: Callable[[], torch.nn.Module], shape: tuple[int, ...],
-            *, compile_model: bool = False) -> Outcome:
-    """Apply SE to one model and classify what happened."""
+            *, compile_model: bool = False, options: Optional[dict[str, Any]] = None) -> Outcome:
+    """Apply SE (or ``options``' attention and position) to one model and classify what happened."""
     out = Outcome(family, model_name, list(shape))
     start = time.perf_counter()
     try:
@@ -153,7 +156,7 @@ def run_one(family: str, model_name: str, factory: Callable[[], torch.nn.Module]
         x = torch.randn(shape)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = se_inject.inject(model, identity_init=True, example_inputs=x)
+            result = se_inject.inject(model, identity_init=True, example_inputs=x, **(options or {}))
         plan = result.plan
         out.sites = len(plan.sites)
         out.skipped = {r: len(s) for r, s in plan.skipped_by_reason().items()}
@@ -281,7 +284,8 @@ def render(outcomes: list[Outcome], summary: dict[str, Any], console: Console) -
 
 
 def sweep(families: Optional[list[str]] = None, *, size: int = 64, include_torchvision: bool = False,
-          compile_model: bool = False, console: Optional[Console] = None) -> list[Outcome]:
+          compile_model: bool = False, console: Optional[Console] = None,
+          options: Optional[dict[str, Any]] = None) -> list[Outcome]:
     """Run the sweep and return one outcome per model (a rich progress bar while it runs)."""
     console = console or Console(stderr=True)
     todo = jobs(families, size, include_torchvision)
@@ -291,11 +295,11 @@ def sweep(families: Optional[list[str]] = None, *, size: int = 64, include_torch
         task = progress.add_task("sweep", total=len(todo))
         for family, name, factory, shape in todo:
             progress.update(task, description=f"{family}: {name}")
-            outcome = run_one(family, name, factory, shape, compile_model=compile_model)
+            outcome = run_one(family, name, factory, shape, compile_model=compile_model, options=options)
             if outcome.status == "input" and not family.startswith("torchvision"):
                 full = _timm_default_shape(name)  # too small an input for this model: its own size
                 if full != shape:
-                    outcome = run_one(family, name, factory, full, compile_model=compile_model)
+                    outcome = run_one(family, name, factory, full, compile_model=compile_model, options=options)
             outcomes.append(outcome)
             progress.advance(task)
     return outcomes
@@ -308,18 +312,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--no-torchvision", action="store_true", help="skip the torchvision models")
     p.add_argument("--size", type=int, default=64, help="input side for models without a fixed size")
     p.add_argument("--compile", action="store_true", help="also torch.compile each result (slow)")
+    p.add_argument("--attn", default="se", help="the attention to insert (se_inject's attn=; default se)")
+    p.add_argument("--position", default="branch", help="where (se_inject's position=; default branch)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     families = CI_FAMILIES if args.subset == "ci" else args.families
     console = Console()
+    options = {k: v for k, v in (("attn", args.attn), ("position", args.position))
+               if v != se_inject.SEOptions.__dataclass_fields__[k].default}
     outcomes = sweep(families, size=args.size, include_torchvision=not args.no_torchvision and families is None,
-                     compile_model=args.compile)
+                     compile_model=args.compile, options=options)
     summary = summarize(outcomes)
     markdown = render(outcomes, summary, console)
-    stem = "coverage" if families is None else "coverage-subset"
+    stem = "-".join(["coverage"] + ([] if families is None else ["subset"]) + list(options.values()))
     path = write_results(stem, {"summary": summary, "outcomes": [asdict(o) for o in outcomes]}, markdown,
                          script="coverage.py", argv=argv, out=args.out,
-                         title=f"Coverage (timm {timm.__version__}, torch {torch.__version__})")
+                         title=f"Coverage{''.join(f', {k}={v}' for k, v in options.items())} "
+                               f"(timm {timm.__version__}, torch {torch.__version__})")
     console.print(f"wrote {path} and .json")
 
 

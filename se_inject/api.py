@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .attention import rng_kept
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
@@ -211,6 +212,6 @@ def find_sites(model: nn.Module, *, example_inputs: Any = None, strict: bool = F
     _check_flag("strict", strict)
     _check_model(model)
     inputs = _as_inputs(model, example_inputs)
-    with _session():
+    with _session(), rng_kept(model):  # the modules analyse builds must not draw from the caller's RNG
         _, plan, _ = _analysed(model, opts, inputs, strict)
     return plan
