@@ -14,13 +14,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .attention import rng_kept
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
 from .plan import Injection, SitePlan
 from .tracer import TRACE_LOCK, restore_hooks, stash_hooks
-from .utils import eval_mode, gc_paused, warn
+from .utils import eval_mode, gc_paused, rng_kept, warn
 
 __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
 

@@ -17,11 +17,10 @@ hand (:data:`ATTENTIONS`), since timm's signatures accept options they ignore.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from timm.layers import create_attn, get_act_layer, make_divisible
@@ -36,7 +35,7 @@ from .utils import describe_error, join_path
 
 __all__ = ["ATTENTIONS", "Attention", "AttentionDefault", "GainGate", "attention_label", "se_defaults", "check_options",
            "build_module", "check_module", "identity_check", "hidden_width", "OPTIONS_PER_ATTENTION", "given",
-           "build_sites_modules", "site_record", "rng_kept"]
+           "build_sites_modules", "site_record"]
 
 #: The options whose meaning depends on the attention (see the module docstring).
 OPTIONS_PER_ATTENTION = ("reduction", "rd_divisor", "act_layer", "gate_layer")
@@ -394,11 +393,3 @@ def site_record(cand: Any, options: Any) -> dict[str, Any]:
     return {"channels": channels, "hidden": hidden, "shape": shape, "attn": attention_label(options.attn),
             "position": options.position, "where": cand.where,
             "param_count": sum(p.numel() for p in module.parameters())}
-
-
-@contextlib.contextmanager
-def rng_kept(model: nn.Module) -> Iterator[None]:
-    """Give back torch's random state (CPU, and the CUDA devices ``model`` is on) on exit."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        yield

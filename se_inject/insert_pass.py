@@ -88,13 +88,7 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict
         ['0', 'extra', '1']
     """
     graph = gm.graph
-    for point in points:
-        for reader in (point.consumer, *point.also):
-            if point.tail not in reader.all_input_nodes:
-                raise ValueError(f"{reader.format_node()} does not read {point.tail.format_node()}")
-        if point.name in dict(gm.named_children()):
-            raise ValueError(f"{type(gm).__name__} already has a submodule named {point.name!r}")
-
+    _check_points(gm, points)
     position = {n: i for i, n in enumerate(graph.nodes)}
     created: dict[str, fx.Node] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # nodes an earlier point removed -> what stands for them
@@ -123,6 +117,15 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict
     graph.lint()
     gm.recompile()
     return created
+
+
+def _check_points(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> None:
+    for point in points:
+        for reader in (point.consumer, *point.also):
+            if point.tail not in reader.all_input_nodes:
+                raise ValueError(f"{reader.format_node()} does not read {point.tail.format_node()}")
+        if point.name in dict(gm.named_children()):
+            raise ValueError(f"{type(gm).__name__} already has a submodule named {point.name!r}")
 
 
 def _replace(graph: fx.Graph, point: InsertionPoint, node: fx.Node) -> None:
