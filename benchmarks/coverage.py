@@ -17,11 +17,16 @@ the result. Every outcome is classified:
     python benchmarks/coverage.py --hf                 # the transformers models only
     python benchmarks/coverage.py --subset ci          # the CI subset
     python benchmarks/coverage.py --families resnet convnext --compile
+    python benchmarks/coverage.py --attn eca       # another attention (identity init, verified the same way)
+    python benchmarks/coverage.py --position mid   # another placement
 
 Results: ``benchmarks/results/coverage.md`` and ``coverage.json`` (the transformers group in its
 own table and under ``"hf"``); ``--hf`` writes ``coverage-hf.md`` and ``.json``. transformers
 models are built from ``AutoConfig.for_model(model_type)`` with random weights, on a 64 px input
-where the model takes one, else at the config's ``image_size``, a fresh model for each size.
+where the model takes one, else at the config's ``image_size``, a fresh model for each size. With
+``--attn`` / ``--position``, ``coverage-<attn>-<position>.md`` / ``.json`` (the defaults left out of
+the name: ``coverage-eca``), timm and torchvision only unless ``--hf`` is given
+(``coverage-hf-eca``).
 """
 
 from __future__ import annotations
@@ -162,8 +167,8 @@ def _torchvision_factory(kind: str, name: str, size: int) -> tuple[Callable[[], 
 
 
 def run_one(family: str, model_name: str, factory: Callable[[], torch.nn.Module], shape: tuple[int, ...],
-            *, compile_model: bool = False) -> Outcome:
-    """Apply SE to one model and classify what happened."""
+            *, compile_model: bool = False, options: Optional[dict[str, Any]] = None) -> Outcome:
+    """Apply SE (or ``options``' attention and position) to one model and classify what happened."""
     out = Outcome(family, model_name, list(shape))
     start = time.perf_counter()
     try:
@@ -172,7 +177,7 @@ def run_one(family: str, model_name: str, factory: Callable[[], torch.nn.Module]
         x = torch.randn(shape)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = se_inject.inject(model, identity_init=True, example_inputs=x)
+            result = se_inject.inject(model, identity_init=True, example_inputs=x, **(options or {}))
         plan = result.plan
         out.sites = len(plan.sites)
         out.skipped = {r: len(s) for r, s in plan.skipped_by_reason().items()}
@@ -351,21 +356,22 @@ def render(outcomes: list[Outcome], summary: dict[str, Any], console: Console,
 
 
 def sweep(families: Optional[list[str]] = None, *, size: int = 64, include_torchvision: bool = False,
-          compile_model: bool = False, console: Optional[Console] = None) -> list[Outcome]:
+          compile_model: bool = False, console: Optional[Console] = None,
+          options: Optional[dict[str, Any]] = None) -> list[Outcome]:
     """Run the sweep and return one outcome per model (a rich progress bar while it runs)."""
     todo = [(family, name, factory, shape, None if family.startswith("torchvision") else _timm_default_shape(name))
             for family, name, factory, shape in jobs(families, size, include_torchvision)]
-    return _run_all(todo, compile_model, console)
+    return _run_all(todo, compile_model, console, options)
 
 
 def sweep_hf(model_types: Optional[list[str]] = None, *, compile_model: bool = False,
-             console: Optional[Console] = None) -> list[Outcome]:
+             console: Optional[Console] = None, options: Optional[dict[str, Any]] = None) -> list[Outcome]:
     """The transformers group: one outcome per ``*ForImageClassification`` model type."""
-    return _run_all(hf_jobs(model_types), compile_model, console)
+    return _run_all(hf_jobs(model_types), compile_model, console, options)
 
 
 def _run_all(todo: list[tuple[str, str, Union[Callable, str], Any, Any]], compile_model: bool,
-             console: Optional[Console]) -> list[Outcome]:
+             console: Optional[Console], options: Optional[dict[str, Any]] = None) -> list[Outcome]:
     console = console or Console(stderr=True)
     outcomes = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -376,9 +382,9 @@ def _run_all(todo: list[tuple[str, str, Union[Callable, str], Any, Any]], compil
             if isinstance(factory, str):  # not built, for the reason given
                 outcome = Outcome(family, name, [], status="skipped", message=factory)
             else:
-                outcome = run_one(family, name, factory, shape, compile_model=compile_model)
-                if outcome.status == "input" and full is not None and full != tuple(shape):
-                    outcome = run_one(family, name, factory, full, compile_model=compile_model)  # its own size
+                outcome = run_one(family, name, factory, shape, compile_model=compile_model, options=options)
+                if outcome.status == "input" and full is not None and full != tuple(shape):  # its own size
+                    outcome = run_one(family, name, factory, full, compile_model=compile_model, options=options)
             outcomes.append(outcome)
             progress.advance(task)
     return outcomes
@@ -393,28 +399,33 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers models")
     p.add_argument("--size", type=int, default=64, help="input side for models without a fixed size")
     p.add_argument("--compile", action="store_true", help="also torch.compile each result (slow)")
+    p.add_argument("--attn", default="se", help="the attention to insert (se_inject's attn=; default se)")
+    p.add_argument("--position", default="branch", help="where (se_inject's position=; default branch)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     families = CI_FAMILIES if args.subset == "ci" else args.families
     console = Console()
-    title = f"Coverage (timm {timm.__version__}, torch {torch.__version__})"
+    options = {k: v for k, v in (("attn", args.attn), ("position", args.position))
+               if v != se_inject.SEOptions.__dataclass_fields__[k].default}
+    named = "".join(f", {k}={v}" for k, v in options.items())
+    title = f"Coverage{named} (timm {timm.__version__}, torch {torch.__version__})"
     data: dict[str, Any] = {}
     markdown = ""
     if not args.hf:
         outcomes = sweep(families, size=args.size, include_torchvision=not args.no_torchvision and families is None,
-                         compile_model=args.compile)
+                         compile_model=args.compile, options=options)
         summary = summarize(outcomes)
         markdown = render(outcomes, summary, console)
         data = {"summary": summary, "outcomes": [asdict(o) for o in outcomes]}
-    if args.hf or (families is None and not args.no_hf):
+    if args.hf or (families is None and not args.no_hf and not options):
         import transformers
 
-        hf_outcomes = sweep_hf(HF_CI if args.subset == "ci" else None, compile_model=args.compile)
+        hf_outcomes = sweep_hf(HF_CI if args.subset == "ci" else None, compile_model=args.compile, options=options)
         hf_summary = summarize(hf_outcomes)
         hf_md = render(hf_outcomes, hf_summary, console, title="transformers *ForImageClassification")
         hf_data = {"transformers": transformers.__version__, "summary": hf_summary,
                    "outcomes": [asdict(o) for o in hf_outcomes]}
-        hf_title = f"Coverage of transformers {transformers.__version__} (torch {torch.__version__})"
+        hf_title = f"Coverage of transformers {transformers.__version__}{named} (torch {torch.__version__})"
         if args.hf:
             data, markdown, title = hf_data, hf_md, hf_title
         else:  # the full sweep: the group goes into coverage.md and into coverage-hf.md as --hf writes it
@@ -423,7 +434,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             if args.subset is None:
                 write_results("coverage-hf", hf_data, hf_md, script="coverage.py", argv=argv, out=args.out,
                               title=hf_title)
-    stem = "coverage-hf" if args.hf else "coverage" if families is None else "coverage-subset"
+    stem = "-".join(["coverage"] + (["hf"] if args.hf else [] if families is None else ["subset"])
+                    + list(options.values()))
     path = write_results(stem, data, markdown, script="coverage.py", argv=argv, out=args.out, title=title)
     console.print(f"wrote {path} and .json")
 

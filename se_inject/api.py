@@ -20,7 +20,7 @@ from .options import SEOptions, takes_options
 from .pipeline import analyse, install
 from .plan import Injection, SitePlan
 from .tracer import TRACE_LOCK, restore_hooks, stash_hooks
-from .utils import eval_mode, gc_paused, warn
+from .utils import eval_mode, gc_paused, rng_kept, warn
 
 __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
 
@@ -213,6 +213,6 @@ def find_sites(model: nn.Module, *, example_inputs: Any = None, strict: bool = F
     _check_flag("strict", strict)
     _check_model(model)
     inputs = _as_inputs(model, example_inputs)
-    with _session():
+    with _session(), rng_kept(model):  # the modules analyse builds must not draw from the caller's RNG
         _, plan, _ = _analysed(model, opts, inputs, strict)
     return plan

@@ -1,11 +1,13 @@
-"""Whether a residual branch already has channel attention.
+"""Whether a residual block already has channel attention.
 
 By module: SE / ESE / ECA / CBAM / GE / GC / SK / SplitAttn modules (timm's, torchvision's
 ``SqueezeExcitation``, se_inject's own ``SEBlock``) on the branch, called as leaves or holding
 branch nodes in their ``nn_module_stack``. By pattern: a product of two data tensors where one
 operand, walked back through shape ops and scalar scaling, is a sigmoid / hard-sigmoid / softmax
 gate on a tensor at least 4x smaller than the product (a pooled, per-channel gate). Softmax split
-attention (SK, ResNeSt) counts: it reweights channels from pooled statistics, as SE would.
+attention (SK, ResNeSt) counts: it reweights channels from pooled statistics, as SE would. After
+the add: an attention module reading the add, or the one activation that reads it (where
+``position="post"`` puts it); on the shortcut, :mod:`se_inject.shortcut` reports it.
 """
 
 from __future__ import annotations
@@ -75,6 +77,33 @@ def _gated_product(g: GraphIndex, branch_nodes: Sequence[fx.Node]) -> Optional[s
     return None
 
 
+def _readers(g: GraphIndex, node: fx.Node) -> list[fx.Node]:
+    """What reads ``node``'s result: its users, and for an in-place add, later users of its target."""
+    readers = list(node.users)
+    if ops.is_inplace_add(node) and node.args and isinstance(node.args[0], fx.Node):
+        readers += [u for u in node.args[0].users if u is not node and g.position[u] > g.position[node]]
+    return readers
+
+
+def _after_add(g: GraphIndex, add: fx.Node) -> Optional[str]:
+    """An attention module that is the add's only reader, or the only reader of the one activation
+    that reads the add: where ``apply(position="post")`` puts it."""
+    node = add
+    for _ in range(2):
+        readers = _readers(g, node)
+        if len(readers) != 1:
+            return None
+        node = readers[0]
+        m = g.module(node)
+        if m is not None and isinstance(m, ops.ATTENTION_TYPES):
+            return f"{type(m).__name__} at {node.target} after {add.name}"
+        if not ((m is not None and ops.is_activation_module(m)) or ops.is_activation_call(node.op, node.target)):
+            return None
+    return None
+
+
 def find_attention(g: GraphIndex, add: fx.Node, branch_nodes: Sequence[fx.Node]) -> Optional[str]:
-    """A description of the channel attention found on the branch of ``add``, or None."""
-    return _attention_module(g, add, branch_nodes) or _gated_product(g, branch_nodes)
+    """A description of the channel attention found on the branch of ``add`` or right after it
+    (after its activation), or None. Attention on the shortcut is found by
+    :func:`se_inject.shortcut.shortcut_problem`."""
+    return _attention_module(g, add, branch_nodes) or _gated_product(g, branch_nodes) or _after_add(g, add)

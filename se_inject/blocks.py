@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
 from .ops import is_inplace_add, residual_activation
+from .placement import Place, describe
 from .scopes import Scope
 from .sites import ResidualAdd
 from .block_module import graph_module_like
@@ -70,13 +71,18 @@ class Candidate:
     """A residual add on its way to a block: which modules could hold it, innermost first.
 
     ``owners`` holds (``nn_module_stack`` key, or None for the scope root; module path) pairs;
-    ``level`` is the one currently tried.
+    ``level`` is the one currently tried. ``place`` is where a ``position`` other than
+    ``"branch"`` puts the module (None: before the add, at ``verdict.tail``); ``where`` describes
+    it in the block, and ``module`` is the module built for it.
     """
 
     scope: Scope
     verdict: ResidualAdd
     owners: list[tuple[Optional[str], str]]
     level: int = 0
+    place: Optional[Place] = None
+    where: str = ""
+    module: Optional[nn.Module] = None
 
     @classmethod
     def of(cls, scope: Scope, verdict: ResidualAdd) -> "Candidate":
@@ -215,13 +221,21 @@ class _Extraction:
         points, placements, taken = [], [], set()
         for cand in candidates:
             v = cand.verdict
-            tail, consumer = self.env.get(v.tail), self.env.get(v.consumer)
-            if tail is None or consumer is None or v.consumer in self.collapsed:
-                raise _Cannot
+            if cand.place is not None:
+                found = cand.place.resolve(self.env, self.collapsed, gm)
+                if found is None:
+                    raise _Cannot
+                tail, (consumer, *also) = found
+            else:
+                tail, consumer, also = self.env.get(v.tail), self.env.get(v.consumer), []
+                if tail is None or consumer is None or v.consumer in self.collapsed:
+                    raise _Cannot
             name = free_attribute_name(gm, "se", taken)
             taken.add(name)
-            point = InsertionPoint(tail, consumer, name, StandIn())
-            fusable = fuse and v.consumer is v.add and not (is_inplace_add(consumer) and consumer.args[0] is not tail)
+            cand.where = describe(tail, [consumer, *also])
+            point = InsertionPoint(tail, consumer, name, StandIn(), also=tuple(also))
+            fusable = (fuse and cand.place is None and v.consumer is v.add
+                       and not (is_inplace_add(consumer) and consumer.args[0] is not tail))
             if fusable:
                 out_act = residual_activation(consumer, lambda n: gm.get_submodule(str(n.target)))
                 in_place = is_inplace_add(consumer)

@@ -35,6 +35,8 @@ class InsertionPoint:
             replaces it: ``module(tail, shortcut)``.
         activation: with ``shortcut``, the activation node that is the add's only reader, which
             the module replaces too.
+        also: more users of ``tail`` that read the module instead, after ``consumer`` in the graph
+            (``position="post"``: every reader of a block's output; ``"pre"``: of its input).
     """
 
     tail: fx.Node
@@ -43,6 +45,7 @@ class InsertionPoint:
     module: nn.Module
     shortcut: Optional[fx.Node] = None
     activation: Optional[fx.Node] = None
+    also: tuple[fx.Node, ...] = ()
 
 
 def free_attribute_name(gm: nn.Module, base: str, taken: set[str]) -> str:
@@ -85,12 +88,7 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict
         ['0', 'extra', '1']
     """
     graph = gm.graph
-    for point in points:
-        if point.tail not in point.consumer.all_input_nodes:
-            raise ValueError(f"{point.consumer.format_node()} does not read {point.tail.format_node()}")
-        if point.name in dict(gm.named_children()):
-            raise ValueError(f"{type(gm).__name__} already has a submodule named {point.name!r}")
-
+    _check_points(gm, points)
     position = {n: i for i, n in enumerate(graph.nodes)}
     created: dict[str, fx.Node] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # nodes an earlier point removed -> what stands for them
@@ -107,9 +105,11 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict
         result = node if point.shortcut is not None else point.consumer
         if in_place:  # what read the tail after `tail += shortcut` reads the add's result
             for user in [u for u in point.tail.users if position.get(u, -1) > position[point.consumer]]:
-                user.replace_input_with(point.tail, result)
+                if user not in point.also:
+                    user.replace_input_with(point.tail, result)
         if point.shortcut is None:
-            point.consumer.replace_input_with(point.tail, node)
+            for reader in (point.consumer, *point.also):
+                reader.replace_input_with(point.tail, node)
         else:
             _replace(graph, point, node)
             replaced.update({n: node for n in (point.consumer, point.activation) if n is not None})
@@ -117,6 +117,15 @@ def insert_modules(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> dict
     graph.lint()
     gm.recompile()
     return created
+
+
+def _check_points(gm: fx.GraphModule, points: Sequence[InsertionPoint]) -> None:
+    for point in points:
+        for reader in (point.consumer, *point.also):
+            if point.tail not in reader.all_input_nodes:
+                raise ValueError(f"{reader.format_node()} does not read {point.tail.format_node()}")
+        if point.name in dict(gm.named_children()):
+            raise ValueError(f"{type(gm).__name__} already has a submodule named {point.name!r}")
 
 
 def _replace(graph: fx.Graph, point: InsertionPoint, node: fx.Node) -> None:

@@ -8,6 +8,7 @@ matched with ``isinstance``, so subclasses (timm's ``StdConv2d``, ``BatchNormAct
 
 from __future__ import annotations
 
+import importlib
 import operator
 from typing import Any, Optional
 
@@ -25,6 +26,8 @@ __all__ = [
     "NORM_TYPES",
     "REGULARIZER_TYPES",
     "ATTENTION_TYPES",
+    "INSERTED_MARK",
+    "InsertedAttention",
     "is_primitive_leaf",
     "is_regularizer_module",
     "module_channel_axis",
@@ -106,9 +109,35 @@ try:  # EfficientNet / MobileNetV3 blocks in timm use their own SqueezeExcite cl
     ATTENTION_TYPES += (_EffSE,)
 except ImportError:  # pragma: no cover - older or newer timm layouts
     pass
+# What timm's create_attn builds but timm.layers does not export (so _timm() cannot see it).
+for _module, _names in (("cbam", ("CbamModule", "LightCbamModule")),
+                        ("coord_attn", ("CoordAttn", "SimpleCoordAttn", "EfficientLocalAttn", "StripAttn"))):
+    try:
+        _found = importlib.import_module(f"timm.layers.{_module}")
+    except ImportError:  # pragma: no cover
+        continue
+    ATTENTION_TYPES += tuple(getattr(_found, n) for n in _names
+                             if hasattr(_found, n) and getattr(_found, n) not in ATTENTION_TYPES)
+
+#: The attribute se_inject sets on every attention module it inserts (SEBlock aside).
+INSERTED_MARK = "_se_inject_attention"
+
+
+class _MarkedMeta(type):
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, nn.Module) and bool(obj.__dict__.get(INSERTED_MARK))
+
+
+class InsertedAttention(metaclass=_MarkedMeta):
+    """``isinstance(m, InsertedAttention)``: ``m`` is an attention module se_inject inserted (a timm
+    module or a user factory's), whatever its class. Such modules are channel attention and leaves:
+    a second ``apply`` sees them and never traces into them."""
+
+
+ATTENTION_TYPES += (InsertedAttention,)
 
 # Modules se_inject never traces into. torch.nn's own modules are leaves by fx's default rule.
-LEAF_TYPES: tuple[type, ...] = CONV_TYPES + LINEAR_TYPES + NORM_TYPES + REGULARIZER_TYPES + (SEBlock,)
+LEAF_TYPES: tuple[type, ...] = CONV_TYPES + LINEAR_TYPES + NORM_TYPES + REGULARIZER_TYPES + (SEBlock, InsertedAttention)
 
 _ACTIVATION_MODULE_TYPES: tuple[type, ...] = tuple(
     cls

@@ -20,7 +20,10 @@ from typing import Any, Callable, Mapping, Optional, Type, TypeVar, Union
 import torch
 from torch import nn
 
+from . import attention
+from .attention import ATTENTIONS, DEFAULTS, attention_label, given
 from .errors import OptionError
+from .placement import POSITIONS
 from .se_block import ACT_LAYERS, GATE_LAYERS, KERNELS, SEBlock, SEResidual, resolve_layer, se_hidden_channels
 from .utils import describe_error
 
@@ -46,15 +49,15 @@ class SEOptions:
     function (:meth:`from_kwargs`) or from JSON (:meth:`from_dict`).
     """
 
-    reduction: int = _option(16, "reduction ratio r of the excitation MLP: hidden width about C / r.",
-                             metavar="R", type=int)
+    reduction: int = _option(DEFAULTS["reduction"], "reduction ratio r of the excitation MLP: hidden width about "
+                                                    "C / r (timm's rd_ratio = 1 / r).", metavar="R", type=int)
     rd_divisor: Optional[int] = _option(
-        8, "round hidden widths to multiples of this, as timm does (64 -> 8, 256 -> 16); None gives "
-           "the paper's max(1, C // r).",
+        DEFAULTS["rd_divisor"], "round hidden widths to multiples of this, as timm does (64 -> 8, 256 -> 16); "
+                                "None gives the paper's max(1, C // r) (se only).",
         metavar="N", type=int, convert=_from_cli_divisor, note="0 for the paper's max(1, C // r)")
-    act_layer: LayerSpec = _option("relu", "activation of the excitation MLP: a name or an nn.Module class.",
-                                   metavar="NAME", choices=sorted(ACT_LAYERS))
-    gate_layer: LayerSpec = _option("sigmoid", "gate of the excitation: a name or an nn.Module class.",
+    act_layer: LayerSpec = _option(DEFAULTS["act_layer"], "activation of the excitation MLP: a name or an "
+                                                          "nn.Module class.", metavar="NAME", choices=sorted(ACT_LAYERS))
+    gate_layer: LayerSpec = _option(DEFAULTS["gate_layer"], "gate of the excitation: a name or an nn.Module class.",
                                     metavar="NAME", choices=sorted(GATE_LAYERS))
     identity_init: bool = _option(False, "start every SE block as an exact identity (outputs unchanged, "
                                          "every SE parameter still gets gradients).", action="store_true")
@@ -63,20 +66,39 @@ class SEOptions:
         action="append", metavar="PATTERN", note="repeatable")
     exclude: tuple[str, ...] = _option((), "glob patterns on block paths: matching blocks get no SE.",
                                        action="append", metavar="PATTERN", note="repeatable")
-    min_channels: int = _option(1, "blocks with fewer channels at the add get no SE.", metavar="N", type=int)
+    min_channels: int = _option(1, "sites with fewer channels (where the module goes) get none.", metavar="N",
+                                type=int)
+    attn: Union[str, Callable[[int], nn.Module]] = _option(
+        "se", "the attention: 'se' (se_inject's SEBlock), a name timm's create_attn builds (eca, ese, gc, gca, "
+              "cbam, ...), or a factory: a callable taking the channel count. reduction, rd_divisor, act_layer "
+              "and gate_layer go to it where it uses them; left out, other attentions keep their own defaults.",
+        metavar="NAME", choices=sorted(ATTENTIONS))
+    position: str = _option(
+        "branch", "where in each residual block: 'branch' (before the add), 'pre' (the branch's input), 'post' "
+                  "(after the add and its activation), 'identity' (on the shortcut, after its projection) or "
+                  "'mid' (after the branch's k>1 conv, before its 1x1 conv).",
+        metavar="WHERE", choices=list(POSITIONS))
     fuse_residual: bool = _option(
-        True, "let each SE block right before a residual add do the add, and the activation that reads only "
-              "the add, itself (se(branch, shortcut)): one fused pass on CUDA, the same ops elsewhere. False "
+        True, "attn='se' at position 'branch': let each SE block right before a residual add do the add, "
+              "and the activation that reads only the add, itself (se(branch, shortcut)): one fused pass on CUDA, the same ops elsewhere. False "
               "keeps SE -> add -> activation as separate nodes.", action=argparse.BooleanOptionalAction)
-    kernels: str = _option("auto", "how SE blocks run: 'auto' (the fused Triton op on CUDA in eager mode, "
-                                   "plain torch ops elsewhere and under torch.compile), 'plain' (always torch ops, "
+    kernels: str = _option("auto", "how SE blocks (attn='se') run: 'auto' (the fused Triton op on CUDA in eager "
+                                   "mode, plain torch ops elsewhere and under torch.compile), 'plain' (always torch ops, "
                                    "for debugging and comparisons), 'fused' (the fused op under torch.compile too); "
                                    "se_inject.set_kernels(model, ...) changes it later.",
                            metavar="MODE", choices=list(KERNELS))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.position, str) or self.position not in POSITIONS:
+            raise OptionError(f"position must be one of {list(POSITIONS)}, got {self.position!r}")
+        settled = attention.se_defaults(self)  # "se": its defaults for the options not given
+        for name, value in settled.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_defaulted", frozenset(settled))
         for name in ("reduction", "min_channels") + (("rd_divisor",) if self.rd_divisor is not None else ()):
             value = getattr(self, name)
+            if not given(value):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name} must be a positive integer, got {value!r}")
         for name in ("identity_init", "fuse_residual"):
@@ -86,7 +108,16 @@ class SEOptions:
             raise OptionError(f"kernels must be one of {list(KERNELS)}, got {self.kernels!r}")
         object.__setattr__(self, "include", None if self.include is None else _patterns("include", self.include))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
-        _check_layers(self)
+        if isinstance(self.attn, str) and self.attn == "se":
+            _check_layers(self)  # small SE blocks with these layers, identity init included
+        else:
+            if self.kernels != "auto":
+                raise OptionError(f"kernels={self.kernels!r} is for attn='se' (se_inject's SE blocks); "
+                                  f"attn={attention_label(self.attn)!r} runs as its own module, leave kernels out")
+            for name, table in (("act_layer", ACT_LAYERS), ("gate_layer", GATE_LAYERS)):
+                if given(getattr(self, name)):
+                    resolve_layer(getattr(self, name), table, name)
+        attention.check_options(self)  # the options against the attention
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -104,10 +135,17 @@ class SEOptions:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: names, numbers, booleans and lists. Layer classes cannot be recorded."""
+        """The JSON form: names, numbers, booleans and lists. Layer classes and attention factories
+        cannot be recorded. Options left to the attention's own default are left out, and so are
+        ``attn`` and ``position`` at their defaults, so plain SE records what it always did."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if not given(value) or (f.name in ("attn", "position") and value == f.default):
+                continue
+            if f.name == "attn" and not isinstance(value, str):
+                raise OptionError(f"attn={attention_label(value)} is a factory; only attention names "
+                                  f"({sorted(ATTENTIONS)}) can be recorded")
             if isinstance(value, type):
                 raise OptionError(f"{f.name}={value!r} is a class; only layer names (e.g. "
                                   f"{sorted(ACT_LAYERS if f.name == 'act_layer' else GATE_LAYERS)}) can be recorded")
@@ -115,9 +153,11 @@ class SEOptions:
         return out
 
     def replace(self, **changes: Any) -> "SEOptions":
-        """A copy with some options changed (validated like the original)."""
+        """A copy with some options changed (validated like the original). Options that took
+        se's defaults stay "not given", so ``SEOptions().replace(attn="eca")`` is valid."""
         _check_names(changes, "SEOptions.replace")
-        return dataclasses.replace(self, **changes)
+        kept = {n: DEFAULTS[n] for n in getattr(self, "_defaulted", ()) if n not in changes}
+        return dataclasses.replace(self, **kept, **changes)
 
     # -- use -----------------------------------------------------------------------------------
     def hidden(self, channels: int) -> int:
@@ -133,6 +173,11 @@ class SEOptions:
         block = (SEBlock(channels, **kwargs) if residual is None
                  else SEResidual(channels, out_act=residual[0], add_in_place=residual[1], **kwargs))
         return block.init_identity_() if self.identity_init else block
+
+    @property
+    def fuses(self) -> bool:
+        """Whether SE blocks take the residual add over (``fuse_residual``, for SE at ``"branch"``)."""
+        return self.fuse_residual and isinstance(self.attn, str) and self.attn == "se" and self.position == "branch"
 
     def selects(self, block: str) -> bool:
         """Whether the include / exclude patterns let ``block`` get SE."""

@@ -23,10 +23,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .attention import build_sites_modules, site_record
 from .blocks import BlockRewrite, Candidate, build_blocks, skip_name
 from .capture import Call, outputs_match, recording
 from .errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
+from .graph_index import GraphIndex
 from .options import SEOptions
+from .placement import locate
 from .plan import Site, SitePlan, Skip
 from .scopes import Scope, runnable_scopes
 from .signature import mirror_signature
@@ -42,9 +45,11 @@ def _candidates(scopes: list[Scope], options: SEOptions, plan: SitePlan) -> list
     """Classify every add; record the skipped ones in ``plan`` and return the residual ones."""
     candidates: list[Candidate] = []
     filtered_blocks: list[str] = []
+    placeless: list[str] = []  # blocks without a place for the position (no-mid-point)
     for scope in scopes:
         if scope.args is None:
             continue
+        index = GraphIndex(scope.gm) if options.position != "branch" else None
         for verdict in classify_adds(scope.gm, batch_size=scope.batch_size):
             if isinstance(verdict, SkippedAdd):
                 plan.skipped.append(Skip(skip_name(scope, verdict.add), verdict.reason, verdict.detail))
@@ -54,23 +59,30 @@ def _candidates(scopes: list[Scope], options: SEOptions, plan: SitePlan) -> list
             if scope.calls > 1 or any("@" in k for k in verdict.scope_keys):
                 plan.skipped.append(Skip(cand.name, "shared-module", f"{block or '<root>'} runs more than once"))
                 continue
+            where = locate(index, verdict, options.position) if index is not None else None
+            if isinstance(where, tuple):  # no such place in this block (position="mid": no-mid-point)
+                plan.skipped.append(Skip(cand.name, *where))
+                placeless.append(block)
+                continue
+            cand.place = where
+            channels = where.channels if where is not None else verdict.channels
             if not options.selects(block):
                 reason = f"block {block or '<root>'} not selected by include/exclude"
-            elif verdict.channels < options.min_channels:
-                reason = f"{verdict.channels} channels < min_channels={options.min_channels}"
+            elif channels < options.min_channels:
+                reason = f"{channels} channels < min_channels={options.min_channels}"
             else:
                 candidates.append(cand)
                 continue
             plan.skipped.append(Skip(cand.name, "filtered", reason))
             filtered_blocks.append(block)
-    _check_filters(options, filtered_blocks, [c.owner_path for c in candidates])
+    _check_filters(options, filtered_blocks, [c.owner_path for c in candidates], placeless)
     return candidates
 
 
-def _check_filters(options: SEOptions, filtered: list[str], selected: list[str]) -> None:
+def _check_filters(options: SEOptions, filtered: list[str], selected: list[str], placeless: list[str]) -> None:
     """Refuse filters that cannot be meant: an include pattern matching no block, or no block left."""
     if options.include is not None:
-        blocks = filtered + selected
+        blocks = filtered + selected + placeless
         for pattern in options.include:
             if not any(fnmatch.fnmatchcase(b, pattern) for b in blocks):
                 raise OptionError(f"include pattern {pattern!r} matches no block with a residual add; "
@@ -98,9 +110,9 @@ def _add_sites(plan: SitePlan, verified: list[BlockRewrite], candidates: list[Ca
                     key=lambda t: t[0])
     for _, rw, name, cand in placed:
         v = cand.verdict
-        plan.sites.append(Site(name=join_path(rw.path, name), block=rw.path, channels=v.channels,
-                               hidden=plan.options.hidden(v.channels), shape=v.shape,
-                               shortcut=" > ".join(v.shortcut_ops) or "identity", add=v.add.name))
+        plan.sites.append(Site(name=join_path(rw.path, name), block=rw.path,
+                               shortcut=" > ".join(v.shortcut_ops) or "identity", add=v.add.name,
+                               **site_record(cand, plan.options)))
 
 
 def _keep_signatures(rewrites: list[BlockRewrite], calls: dict[int, Call], plan: SitePlan) -> list[BlockRewrite]:
@@ -147,7 +159,7 @@ def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...
     plan = SitePlan(type(model).__name__, shapes, options, untraceable=untraceable)
     candidates = _candidates(scopes, options, plan)
     rewrites = build_blocks(candidates, lambda cand, reason, detail: plan.skipped.append(
-        Skip(cand.name, reason, detail)), fuse=options.fuse_residual)
+        Skip(cand.name, reason, detail)), fuse=options.fuses)
     with recording((rw.module for rw in rewrites), outputs=False, clone=False) as calls, torch.no_grad():
         output = model(*example_inputs)
     if scopes[0].path == "":  # the traced model must reproduce the model itself
@@ -161,6 +173,7 @@ def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...
             _refuse(rw, problems[rw.path], plan, strict)
         else:
             verified.append(rw)
+    build_sites_modules(verified, options)  # built and checked here: an error leaves the model as it is
     _add_sites(plan, verified, candidates)
     return plan, verified
 
@@ -171,14 +184,8 @@ def _new_blocks(target: nn.Module, rewrites: list[BlockRewrite], options: SEOpti
     built = {}
     for rw in rewrites:
         block = target.get_submodule(rw.path) if rw.path else target
-        param = next((p for p in block.parameters() if p.is_floating_point()), None)
-        se_blocks = {}
-        for p in rw.placements:
-            v = p.candidate.verdict
-            residual = (p.fused, p.add_in_place) if p.fused is not None else None
-            se = options.make_block(v.channels, len(v.shape) - 2, device=param.device if param is not None else None,
-                                    dtype=v.dtype, residual=residual)
-            se_blocks[p.name] = se.train(block.training)
+        # the modules analyse built and checked (attention.build_sites_modules)
+        se_blocks = {p.name: p.candidate.module.train(block.training) for p in rw.placements}
         built[rw.path] = graph_module_like(block, rw.gm.graph, extra=se_blocks)
     return built
 

@@ -4,10 +4,11 @@ trace, and their JSON form."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
+from .attention import attention_label, given
 from .options import SEOptions
 
 __all__ = ["SKIP_REASONS", "Site", "Skip", "Untraceable", "SitePlan", "Injection"]
@@ -32,38 +33,51 @@ SKIP_REASONS: dict[str, str] = {
     "untraceable-block": "the block holding the add cannot be traced on its own",
     "train-eval-differ": "the block traces differently in train and eval mode",
     "unverified": "the traced block does not reproduce the module's output",
+    "no-mid-point": "position='mid': no k>1 conv on the branch followed by norm / activation and a 1x1 conv",
 }
 
 
 @dataclass(frozen=True)
 class Site:
-    """A residual add that receives an SE block.
+    """A residual add that receives an SE block (or the attention ``attn`` names).
 
     Attributes:
         name: module path of the SE block (``"layer1.0.se"``); its state_dict keys start with it.
         block: module path of the block it goes into (``"layer1.0"``; ``""`` for the root).
-        channels: channels C at the add; ``hidden``: the excitation width.
-        shape: shape of the branch output at the add, for the example input (N, C, *spatial).
+        channels: channels C the module takes (at the add, for the default position);
+            ``hidden``: the excitation width (None where the attention has none, e.g. ECA).
+        shape: shape of the tensor the module takes, for the example input (N, C, *spatial).
         shortcut: ``"identity"`` or the ops on the shortcut path (``"Conv2d > BatchNorm2d"``).
         add: name of the add node in the traced block.
+        attn: the attention (``"se"``, a timm name, or a factory's name); ``position``: where in
+            the block (see :mod:`se_inject.placement`); ``where``: what the module reads and what
+            reads it, in the block (``"bn3 -> add"``).
+        param_count: parameters of the inserted module (None: the SE formula).
     """
 
     name: str
     block: str
     channels: int
-    hidden: int
+    hidden: Optional[int]
     shape: tuple[int, ...]
     shortcut: str
     add: str
+    attn: str = "se"
+    position: str = "branch"
+    where: str = ""
+    param_count: Optional[int] = None
 
     @property
     def params(self) -> int:
-        """Parameters of the SE block: ``2*C*hidden + hidden + C``."""
-        return 2 * self.channels * self.hidden + self.hidden + self.channels
+        """Parameters of the inserted module (SE: ``2*C*hidden + hidden + C``)."""
+        if self.param_count is not None:
+            return self.param_count
+        return 2 * self.channels * (self.hidden or 0) + (self.hidden or 0) + self.channels
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "block": self.block, "channels": self.channels, "hidden": self.hidden,
-                "feature_map": list(self.shape[2:]), "shortcut": self.shortcut, "params": self.params}
+                "feature_map": list(self.shape[2:]), "shortcut": self.shortcut, "params": self.params,
+                "attn": self.attn, "position": self.position, "where": self.where}
 
 
 @dataclass(frozen=True)
@@ -131,7 +145,9 @@ class SitePlan:
         return {
             "model": name or self.model,
             "input_shape": list(self.input_shapes[0]) if self.input_shapes else [],
-            "reduction": self.options.reduction,
+            "reduction": self.options.reduction if given(self.options.reduction) else None,
+            "attn": attention_label(self.options.attn),
+            "position": self.options.position,
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [s.to_dict() for s in self.skipped],
             "untraceable": [u.to_dict() for u in self.untraceable],

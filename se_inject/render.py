@@ -4,7 +4,7 @@ adds that were skipped, and a summary over several models. Data comes from
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -38,9 +38,20 @@ def _table(title: str, columns: Sequence[tuple[str, str]]) -> Table:
     return table
 
 
+def _what(attn: str, position: str, reduction: Optional[int]) -> str:
+    """``"reduction 16"`` for plain SE; the attention, position and reduction otherwise."""
+    parts = ([] if attn == "se" else [f"attn {attn}"]) + ([] if position == "branch" else [f"position {position}"])
+    return "  ·  ".join(parts + ([f"reduction {reduction}"] if reduction is not None else []))
+
+
+def _opt(value: Optional[int]) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
 def _totals(report: Report) -> Table:
     shape = "x".join(str(s) for s in report.input_shape)
-    totals = _table(f"{report.model}  ·  input {shape}  ·  reduction {report.reduction}",
+    what = _what(report.attn, report.position, report.reduction)
+    totals = _table(f"{report.model}  ·  input {shape}" + (f"  ·  {what}" if what else ""),
                     [(c, "right") for c in ("", "before", "after", "added", "")])
     totals.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}",
                    f"{report.params_added:,}", _pct(report.params_added, report.params_before))
@@ -50,42 +61,50 @@ def _totals(report: Report) -> Table:
                    f"{report.flops_added:,}", _pct(report.flops_added, report.flops_before))
     totals.add_row("", _si(report.flops_before), _si(report.flops_after), _si(report.flops_added), "",
                    style="dim")
-    with_elementwise = report.flops_added + report.elementwise_flops
-    totals.add_row("FLOPs + SE elementwise", "", f"{report.flops_after + report.elementwise_flops:,}",
-                   f"{with_elementwise:,}", _pct(with_elementwise, report.flops_before))
+    if report.elementwise_flops is not None:
+        with_elementwise = report.flops_added + report.elementwise_flops
+        totals.add_row("FLOPs + SE elementwise", "", f"{report.flops_after + report.elementwise_flops:,}",
+                       f"{with_elementwise:,}", _pct(with_elementwise, report.flops_before))
     return totals
 
 
 def render_report(report: Report, console: Console, *, show_skipped: bool = False) -> None:
     """Draw ``report``: totals, one row per site, skipped adds collapsed by reason."""
     console.print(_totals(report))
-    console.print(f"[dim]{FLOPS_NOTE}[/dim]")
+    console.print(f"[dim]{FLOPS_NOTE}[/dim]" + ("" if report.elementwise_flops is not None else
+                  f"[dim] The elementwise work of {escape(report.attn)} is not estimated.[/dim]"))
     if report.sites:
-        table = _table(f"{len(report.sites)} SE blocks", [("site", "left")] + [
+        kind = "SE blocks" if report.attn == "se" else f"{escape(report.attn)} modules"
+        at = "" if report.position == "branch" else f" at position {report.position}"
+        table = _table(f"{len(report.sites)} {kind}{at}", [("site", "left")] + [
             (c, "right") for c in ("C", "hidden", "map", "params", "FLOPs", "elementwise")])
         for s in report.sites:
-            table.add_row(s.name, f"{s.channels:,}", f"{s.hidden:,}", "x".join(map(str, s.feature_map)),
-                          f"{s.params:,}", f"{s.flops:,}", f"{s.elementwise_flops:,}")
+            table.add_row(s.name, f"{s.channels:,}", _opt(s.hidden), "x".join(map(str, s.feature_map)),
+                          f"{s.params:,}", f"{s.flops:,}", _opt(s.elementwise_flops))
         table.add_section()
         table.add_row("total", "", "", "", f"{sum(s.params for s in report.sites):,}",
-                      f"{sum(s.flops for s in report.sites):,}", f"{report.elementwise_flops:,}", style="bold")
+                      f"{sum(s.flops for s in report.sites):,}", _opt(report.elementwise_flops), style="bold")
         console.print(table)
     render_skipped(report.skipped, console, show_paths=show_skipped)
     render_untraceable(report.untraceable, console)
 
 
 def render_plan(name: str, plan: SitePlan, console: Console) -> None:
-    """Draw a dry run: every site with its shortcut, then every skipped add with its reason."""
+    """Draw a dry run: every site with its shortcut and where the module goes (what it reads ->
+    what reads it), then every skipped add with its reason."""
     if not plan.sites:
         console.print(f"{escape(name)}: no SE site ({plan.skip_summary()})")
         render_skipped(plan.skipped, console, show_paths=True)
         render_untraceable(plan.untraceable, console)
         return
-    table = _table(f"{name}: {len(plan.sites)} SE sites", [("site", "left"), ("C", "right"),
-                                                            ("hidden", "right"), ("map", "right"),
-                                                            ("shortcut", "left")])
+    attn = plan.sites[0].attn
+    kind = "SE sites" if attn == "se" else f"{escape(attn)} sites"
+    table = _table(f"{name}: {len(plan.sites)} {kind}, position {plan.sites[0].position}",
+                   [("site", "left"), ("C", "right"), ("hidden", "right"), ("map", "right"), ("shortcut", "left"),
+                    ("where", "left")])
     for s in plan.sites:
-        table.add_row(s.name, str(s.channels), str(s.hidden), "x".join(map(str, s.shape[2:])), s.shortcut)
+        table.add_row(s.name, str(s.channels), _opt(s.hidden), "x".join(map(str, s.shape[2:])), s.shortcut,
+                      escape(s.where))
     console.print(table)
     render_skipped(plan.skipped, console, show_paths=True)
     render_untraceable(plan.untraceable, console)
@@ -122,5 +141,6 @@ def render_summary(reports: Sequence[Report], console: Console) -> None:
         table.add_row(r.model, str(len(r.sites)), str(len(r.skipped)), _si(r.params_after),
                       _pct(r.params_added, r.params_before), _si(r.flops_after),
                       _pct(r.flops_added, r.flops_before),
-                      _pct(r.flops_added + r.elementwise_flops, r.flops_before))
+                      "–" if r.elementwise_flops is None else _pct(r.flops_added + r.elementwise_flops,
+                                                                   r.flops_before))
     console.print(table)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .attention import attention_label, given
 from .plan import Injection, Site, Skip, Untraceable
 from .se_block import SEBlock
 from .utils import eval_mode
@@ -37,21 +38,25 @@ class SiteCost:
 
     Attributes:
         name: module path of the SE block; ``block``: the block it sits in.
-        channels, hidden: C and the excitation width.
+        channels, hidden: C and the excitation width (None where the attention has none).
         feature_map: spatial size at the site (e.g. ``(56, 56)``).
-        params: parameters added (``2*C*hidden + hidden + C``).
-        flops: FLOPs FlopCounterMode counts for the block (its two 1x1 layers).
-        elementwise_flops: squeeze mean + ReLU + gate (+ gain) + reweighting product.
+        params: parameters added (SE: ``2*C*hidden + hidden + C``).
+        flops: FLOPs FlopCounterMode counts for the block (SE: its two 1x1 layers).
+        elementwise_flops: squeeze mean + ReLU + gate (+ gain) + reweighting product; None for
+            attentions other than SE, whose elementwise work is not estimated.
+        position, where: where the module sits (see :class:`se_inject.plan.Site`).
     """
 
     name: str
     block: str
     channels: int
-    hidden: int
+    hidden: Optional[int]
     feature_map: tuple[int, ...]
     params: int
     flops: int
-    elementwise_flops: int
+    elementwise_flops: Optional[int]
+    position: str = "branch"
+    where: str = ""
 
 
 @dataclass
@@ -60,7 +65,7 @@ class Report:
 
     model: str
     input_shape: list[int]
-    reduction: int
+    reduction: Optional[int]
     params_before: int
     params_after: int
     flops_before: int
@@ -68,6 +73,8 @@ class Report:
     sites: list[SiteCost] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     untraceable: list[Untraceable] = field(default_factory=list)
+    attn: str = "se"
+    position: str = "branch"
 
     @property
     def params_added(self) -> int:
@@ -78,8 +85,11 @@ class Report:
         return self.flops_after - self.flops_before
 
     @property
-    def elementwise_flops(self) -> int:
-        return sum(s.elementwise_flops for s in self.sites)
+    def elementwise_flops(self) -> Optional[int]:
+        """SE's elementwise work over all sites; None when it is not estimated (other attentions)."""
+        if any(s.elementwise_flops is None for s in self.sites):
+            return None
+        return sum(s.elementwise_flops or 0 for s in self.sites)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: plain dicts, lists, strings and integers."""
@@ -87,6 +97,8 @@ class Report:
             "model": self.model,
             "input_shape": list(self.input_shape),
             "reduction": self.reduction,
+            "attn": self.attn,
+            "position": self.position,
             "params": {"before": self.params_before, "after": self.params_after, "added": self.params_added},
             "flops": {
                 "before": self.flops_before,
@@ -105,6 +117,8 @@ class Report:
                     "params": s.params,
                     "flops": s.flops,
                     "elementwise_flops": s.elementwise_flops,
+                    "position": s.position,
+                    "where": s.where,
                 }
                 for s in self.sites
             ],
@@ -133,7 +147,7 @@ def _elementwise_flops(site: Site, gain: float) -> int:
     batch, channels, *spatial = site.shape
     elements = batch * channels * math.prod(spatial)
     squeeze, reweight = elements, elements
-    relu, gate = batch * site.hidden, batch * channels
+    relu, gate = batch * (site.hidden or 0), batch * channels
     return squeeze + reweight + relu + gate + (batch * channels if gain != 1.0 else 0)
 
 
@@ -156,13 +170,16 @@ def build_report(original: nn.Module, result: Injection, example_inputs: Sequenc
         sites.append(SiteCost(
             name=site.name, block=site.block, channels=site.channels, hidden=site.hidden,
             feature_map=tuple(site.shape[2:]), params=sum(p.numel() for p in se.parameters()),
-            flops=per_module.get(site.name, 0), elementwise_flops=_elementwise_flops(site, gain),
+            flops=per_module.get(site.name, 0),
+            elementwise_flops=_elementwise_flops(site, gain) if isinstance(se, SEBlock) else None,
+            position=site.position, where=site.where,
         ))
     shape = next((list(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)), [])
+    options = result.plan.options
     return Report(
         model=model_name or type(original).__name__,
         input_shape=shape,
-        reduction=result.plan.options.reduction,
+        reduction=options.reduction if given(options.reduction) else None,
         params_before=sum(p.numel() for p in original.parameters()),
         params_after=sum(p.numel() for p in result.model.parameters()),
         flops_before=flops_before,
@@ -170,4 +187,6 @@ def build_report(original: nn.Module, result: Injection, example_inputs: Sequenc
         sites=sites,
         skipped=list(result.plan.skipped),
         untraceable=list(result.plan.untraceable),
+        attn=attention_label(options.attn),
+        position=options.position,
     )

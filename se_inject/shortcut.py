@@ -53,6 +53,8 @@ def _reselects_cat_input(node: fx.Node) -> bool:
 
 def _module_problem(node: fx.Node, m: nn.Module, counts: dict[str, int]) -> Optional[tuple[str, str]]:
     """Whether a module on the shortcut path keeps it light; counts projections in ``counts``."""
+    if isinstance(m, ops.ATTENTION_TYPES):  # e.g. from apply(position="identity"): the block has attention
+        return "has-attention", f"{type(m).__name__} at {node.target} on the shortcut"
     if isinstance(m, ops.CONV_TYPES):
         if math.prod(m.kernel_size) == 1:
             counts["pointwise"] += 1

@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 
 __all__ = [
     "join_path", "relative_path", "first_line", "describe_error", "clone_tensors", "kept_training_flags",
-    "eval_mode", "gc_paused", "warn", "version", "describe_mismatch",
+    "eval_mode", "gc_paused", "rng_kept", "warn", "version", "describe_mismatch",
 ]
 
 
@@ -129,3 +129,11 @@ def describe_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, 
              (("missing tensors", missing), ("unexpected tensors", extra), ("tensors of the wrong shape", wrong))
              if items]
     return "; ".join(parts) or None
+
+
+@contextlib.contextmanager
+def rng_kept(model: nn.Module) -> Iterator[None]:
+    """Give back torch's random state (CPU, and the CUDA devices ``model`` is on) on exit."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        yield

@@ -1,0 +1,196 @@
+"""Where each ``position`` puts the attention module in a residual block's graph.
+
+A residual add ``branch + shortcut`` (:class:`se_inject.sites.ResidualAdd`) has a *fork*, where
+the block's input splits into the branch and the shortcut. The five positions are the placements
+of the SE paper's integration study (Hu et al., TPAMI version of arXiv:1709.01507, Sec. 6.5):
+
+============  ===========================================================  ==========================================
+position      the module reads                                             and what read that reads the module instead
+============  ===========================================================  ==========================================
+``branch``    the branch output, before trailing drop-path / dropout /     the add (or the first trailing regulariser)
+              identity modules (the paper's standard SE block)
+``pre``       the fork: the branch's input (SE-PRE)                        the fork's readers on the branch only; the
+                                                                           shortcut still reads the un-attended fork
+``post``      the activation that is the add's only reader, when that      every reader of it inside the block: the
+              activation is inside the block; otherwise the add itself     block's output (SE-POST)
+              (the paper puts SE-POST "after ReLU")
+``identity``  the shortcut operand: after the projection (1x1 conv + norm) the add (SE-Identity)
+              when there is one, else the fork itself
+``mid``       the end of the chain that follows the branch's last spatial   the 1x1 conv that ends the chain (SE_3x3):
+              (k>1) conv through norms, activations, identity / dropout /  the bottleneck's 3x3, timm's byobnet
+              drop-block modules and pooling                               ``attn`` slot
+============  ===========================================================  ==========================================
+
+A branch without that mid shape (a basic block's two 3x3 convs, ConvNeXt's channels-last MLP
+after its depthwise conv) gets nothing at ``mid``, with the reason ``no-mid-point``.
+:func:`locate` finds the place in a scope's graph; :meth:`Place.resolve` finds it again in
+the graph of the block cut out of that scope, where the module is inserted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import fx
+
+from . import ops
+from .graph_index import GraphIndex, shape_of, tensor_meta
+from .sites import ResidualAdd
+
+__all__ = ["POSITIONS", "Place", "locate", "describe"]
+
+#: The values of ``position``, the default first.
+POSITIONS = ("branch", "pre", "post", "identity", "mid")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where the module of one residual add goes, in its scope's graph.
+
+    Attributes:
+        position: one of :data:`POSITIONS`.
+        tail: the node the module reads (``post``: the add; the activation after it, if any, is
+            found in the block's graph).
+        consumer: the node that reads the module instead of ``tail`` (None for ``pre`` and
+            ``post``, whose readers are found in the block's graph).
+        branch: the branch operand (``pre``: the fork's readers that lead to it).
+        channels, shape, dtype: of the tensor the module takes.
+    """
+
+    position: str
+    tail: fx.Node
+    consumer: Optional[fx.Node]
+    branch: fx.Node
+    channels: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def resolve(self, env: dict[fx.Node, fx.Node], collapsed: set[fx.Node], gm: fx.GraphModule
+                ) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+        """(tail, readers) in the block's graph ``gm`` (``env`` maps scope nodes to its nodes);
+        None when the place is not inside the block. Readers come in graph order."""
+        tail = env.get(self.tail)
+        if tail is None:
+            return None
+        if self.position == "pre":
+            branch = env.get(self.branch)
+            upstream = _upstream(branch) if branch is not None else set()
+            readers = [u for u in tail.users if u in upstream]
+        elif self.position == "post":
+            _read_result_of_inplace(tail)
+            readers = list(tail.users)
+            if len(readers) == 1 and _is_activation(gm, readers[0]):
+                tail = readers[0]
+                _read_result_of_inplace(tail)
+                readers = list(tail.users)
+        else:
+            consumer = env.get(self.consumer)  # type: ignore[arg-type]
+            readers = [consumer] if consumer is not None and self.consumer not in collapsed else []
+        if not readers:
+            return None
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        return tail, sorted(readers, key=order.__getitem__)
+
+
+def _upstream(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _inplace(node: fx.Node) -> bool:
+    name = ops.target_name(node.target) if node.op in ("call_function", "call_method") else None
+    return ops.is_inplace_add(node) or bool(name and name.endswith("_") and not name.startswith("_"))
+
+
+def _read_result_of_inplace(node: fx.Node) -> None:
+    """``out.add_(x); f(out)``: ``f`` reads the in-place op's result through ``out``. Make it read
+    the op's node (the same tensor), so that the op's readers are its users."""
+    if not _inplace(node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    for user in list(node.args[0].users):
+        if user is not node and order[user] > order[node]:
+            user.replace_input_with(node.args[0], node)
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return ops.is_activation_module(gm.get_submodule(str(node.target)))
+    return ops.is_activation_call(node.op, node.target)
+
+
+def _kernel(g: GraphIndex, node: fx.Node) -> Optional[int]:
+    m = g.module(node)
+    return math.prod(m.kernel_size) if isinstance(m, ops.CONV_TYPES) else None
+
+
+def _passes_channels_through(g: GraphIndex, node: fx.Node) -> bool:
+    """A norm over dim 1, an activation, an identity / dropout / drop-block, or pooling."""
+    m = g.module(node)
+    if m is None:
+        return ops.is_activation_call(node.op, node.target) or ops.is_regularizer(node, None)
+    if isinstance(m, ops.NORM_TYPES):
+        axis = ops.module_channel_axis(m, shape_of(node) or ())
+        return axis is not None and axis[0] == 1
+    return ops.is_activation_module(m) or isinstance(m, ops.REGULARIZER_TYPES) or ops.is_pool_module(m)
+
+
+def _mid(g: GraphIndex, v: ResidualAdd) -> Union[tuple[fx.Node, fx.Node], tuple[str, str]]:
+    """(tail, 1x1 conv) after the branch's last k>1 conv, or (reason, detail)."""
+    spatial = [n for n in g.between(v.fork, v.branch) if (_kernel(g, n) or 1) > 1]
+    if not spatial:
+        return "no-mid-point", f"the branch of {v.add.name} has no conv with a kernel larger than 1"
+    conv = cur = spatial[-1]
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return "no-mid-point", f"after {g.label(conv)} ({conv.name}), {cur.name} has {len(users)} readers"
+        nxt = users[0]
+        if _kernel(g, nxt) == 1:
+            return cur, nxt
+        if not _passes_channels_through(g, nxt):
+            return "no-mid-point", (f"after {g.label(conv)} ({conv.name}) comes {g.label(nxt)} ({nxt.name}), "
+                                    f"not a norm, activation or 1x1 conv")
+        cur = nxt
+
+
+def locate(g: GraphIndex, v: ResidualAdd, position: str) -> Union[Place, tuple[str, str]]:
+    """Where ``position`` puts the module of residual add ``v`` in the scope graph indexed by ``g``,
+    or (reason code, detail) when the block has no such place."""
+    consumer: Optional[fx.Node]
+    if position == "branch":
+        tail, consumer = v.tail, v.consumer
+    elif position == "identity":
+        tail, consumer = v.shortcut, v.add
+    elif position == "post":
+        tail, consumer = v.add, None
+    elif position == "pre":
+        tail, consumer = v.fork, None
+    elif position == "mid":
+        found = _mid(g, v)
+        if isinstance(found[0], str):
+            return found  # type: ignore[return-value]
+        tail, consumer = found  # type: ignore[assignment]
+    else:
+        raise ValueError(position)
+    shape, meta = shape_of(tail), tensor_meta(tail)
+    if shape is None or meta is None or len(shape) != len(v.shape) or not meta.dtype.is_floating_point:
+        return "channel-dim-unknown", f"position={position!r}: {tail.name} is not a float tensor shaped like the add"
+    return Place(position, tail, consumer, v.branch, int(shape[1]), shape, meta.dtype)
+
+
+def describe(tail: fx.Node, readers: list[fx.Node]) -> str:
+    """``"bn3 -> add"``: what the module reads and what reads it, by module path or function name."""
+    def label(n: fx.Node) -> str:
+        if n.op in ("placeholder", "output"):
+            return "input" if n.op == "placeholder" else "output"
+        return str(n.target) if n.op == "call_module" else str(ops.target_name(n.target) or n.name)
+    return f"{label(tail)} -> {', '.join(label(r) for r in readers)}"
