@@ -5,7 +5,8 @@ import pytest
 
 from benchmarks import coverage as coverage_module
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module (its fixture is the CI subset sweep), under pytest-xdist too.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("coverage")]
 
 
 @pytest.fixture(scope="module")
