@@ -108,3 +108,29 @@ def test_plain_kernels_are_the_default_off_cuda():
         auto = model.eval()(x)
         plain = se_inject.set_kernels(model, "plain")(x)
     assert torch.equal(auto, plain)  # on CPU "auto" runs exactly the plain torch ops
+
+
+@pytest.mark.parametrize("add_in_place", [False, True])
+@pytest.mark.parametrize("out_act", ["relu", "silu"])
+def test_the_compiled_tail_matches_eager(add_in_place, out_act):
+    # Eager runs the tail as one addcmul; under torch.compile it is written as the original add
+    # (x * g, then the add) so inductor plans buffers as for the original model. Same values,
+    # gradients and dtypes either way, a bf16 branch with an fp32 shortcut (autocast) included.
+    torch.manual_seed(0)
+    se = SEResidual(16, out_act=out_act, add_in_place=add_in_place).to(torch.bfloat16)
+    compiled = torch.compile(se, fullgraph=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 16, 5, 5, dtype=dtype).to(torch.bfloat16).requires_grad_()
+        shortcut = torch.randn(2, 16, 5, 5, dtype=dtype, requires_grad=True)
+        results = []
+        for run in (se, compiled):
+            out = run(x, shortcut)
+            out.float().sum().backward()
+            results.append((out.detach(), x.grad, shortcut.grad))
+            x.grad = shortcut.grad = None
+        (eager, dx, dsc), (comp, cdx, cdsc) = results
+        expected_dtype = torch.bfloat16 if add_in_place else torch.promote_types(torch.bfloat16, dtype)
+        assert eager.dtype == comp.dtype == expected_dtype
+        assert dsc.dtype == cdsc.dtype == dtype
+        for a, b in ((eager, comp), (dx, cdx), (dsc, cdsc)):
+            torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
