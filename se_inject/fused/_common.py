@@ -9,6 +9,7 @@ contiguous axis is known at compile time and the loads along it are vectorised.
 """
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -37,7 +38,7 @@ __all__ = [
     "HAS_TRITON", "INTERPRETED", "triton", "tl", "OUT_ACTS", "DTYPES", "NCS", "Tile",
     "ncs", "collapsible", "empty_ncs", "pick_tile", "num_splits", "target_programs",
     "tensors_supported", "check_out_act",
-    "register_op", "cdiv", "tile_ids",
+    "register_op", "cdiv", "tile_ids", "split_ids", "ReductionGrid", "reduction_grid",
 ]
 
 #: Activations after the residual add, with the code the kernels use as a ``tl.constexpr``.
@@ -76,6 +77,20 @@ def tile_ids(pid, n_cblocks, n_sblocks, C_FAST: tl.constexpr):
         cb = rest % n_cblocks
         n = rest // n_cblocks
     return n, cb, sb
+
+
+@triton.jit
+def split_ids(pid, n_cblocks, splits, s_per_split, C, S, BLOCK_C: tl.constexpr):
+    """(n, split, channel offsets, channel mask, first and past-the-last position) of reduction
+    program ``pid``: a block of channels of sample n over split's share of the positions; the
+    result goes to row ``split * N + n`` of a (splits * N, C) buffer."""
+    cb = pid % n_cblocks
+    rest = pid // n_cblocks
+    split = rest % splits
+    n = rest // splits
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_lo = split * s_per_split
+    return n, split, offs_c, offs_c < C, s_lo, tl.minimum(s_lo + s_per_split, S)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -191,6 +206,43 @@ def num_splits(rows: int, s_tiles: int, target: int, min_tiles: int = 2) -> int:
     if rows >= target:
         return 1
     return max(1, min(cdiv(target, rows), s_tiles // min_tiles))
+
+
+@dataclass(frozen=True)
+class ReductionGrid:
+    """How a reduction over the positions of an (N, C, S) tensor is cut into programs: ``tile``,
+    ``n_cblocks`` channel blocks, ``splits`` programs per (n, channel block), each over
+    ``s_per_split`` positions (see :func:`split_ids`); ``programs`` is the launch grid's size."""
+
+    N: int
+    C: int
+    S: int
+    tile: Tile
+    n_cblocks: int
+    splits: int
+    s_per_split: int
+
+    @property
+    def programs(self) -> int:
+        return self.N * self.n_cblocks * self.splits
+
+    def partial(self, device: torch.device) -> torch.Tensor:
+        """The fp32 buffer the programs write: (N, C), or (splits, N, C) to be summed over dim 0."""
+        shape = (self.N, self.C) if self.splits == 1 else (self.splits, self.N, self.C)
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def reduction_grid(x: torch.Tensor, view: NCS, splits: Optional[int] = None) -> ReductionGrid:
+    """The :class:`ReductionGrid` for ``x`` read through ``view``; ``splits`` forces the number
+    of programs per (n, channel block) (tests), else :func:`num_splits` picks it for the device.
+    No split is left without positions."""
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    tile = pick_tile(C, S, view.stride_c, view.stride_s, REDUCE_ELEMS)
+    n_cblocks, s_tiles = cdiv(C, tile.block_c), cdiv(S, tile.block_s)
+    if splits is None:
+        splits = num_splits(N * n_cblocks, s_tiles, target_programs(x.device))
+    tiles_per_split = cdiv(s_tiles, max(1, min(splits, s_tiles)))
+    return ReductionGrid(N, C, S, tile, n_cblocks, cdiv(s_tiles, tiles_per_split), tiles_per_split * tile.block_s)
 
 
 def _is_real(t: torch.Tensor) -> bool:

@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from ._common import (
-    INTERPRETED, POINTWISE_ELEMS, REDUCE_ELEMS, cdiv, check_out_act, empty_ncs, ncs, num_splits,
-    pick_tile, register_op, target_programs, tensors_supported, tile_ids, tl, triton,
+    INTERPRETED, POINTWISE_ELEMS, cdiv, check_out_act, empty_ncs, ncs, pick_tile, reduction_grid,
+    register_op, split_ids, tensors_supported, tile_ids, tl, triton,
 )
 
 __all__ = ["gate_grad", "gate_grad_launch", "gate_grad_reference", "input_grad",
@@ -37,17 +37,10 @@ def _gate_grad_kernel(dout_ptr, x_ptr, sc_ptr, out_ptr, g_ptr, dz_ptr, dg_ptr,
                       HAS_SC: tl.constexpr, OUT_ACT: tl.constexpr, STORE_DZ: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """K1: dg[split, n, c] = sum of dz * x over split's positions; optionally stores dz."""
-    pid = tl.program_id(0)
-    cb = pid % n_cblocks
-    rest = pid // n_cblocks
-    split = rest % splits
-    n = rest // splits
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    n, split, offs_c, mask_c, s_lo, s_hi = split_ids(tl.program_id(0), n_cblocks, splits, s_per_split, C, S,
+                                                     BLOCK_C)
     n64 = n.to(tl.int64)
     gate = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-    s_lo = split * s_per_split
-    s_hi = tl.minimum(s_lo + s_per_split, S)
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         offs_s = (s0 + tl.arange(0, BLOCK_S))[:, None]
@@ -108,26 +101,19 @@ def gate_grad_launch(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], ou
     vr = ncs(shortcut) if shortcut is not None and code == 2 else vx
     vo = ncs(out) if code == 1 else vx
     vz = ncs(dz) if store_dz else vx
-    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    tile = pick_tile(C, S, vx.stride_c, vx.stride_s, REDUCE_ELEMS)
-    n_cblocks, s_tiles = cdiv(C, tile.block_c), cdiv(S, tile.block_s)
-    if splits is None:
-        splits = num_splits(N * n_cblocks, s_tiles, target_programs(x.device))
-    tiles_per_split = cdiv(s_tiles, max(1, min(splits, s_tiles)))
-    splits = cdiv(s_tiles, tiles_per_split)
-    dg = torch.empty((N, C) if splits == 1 else (splits, N, C), dtype=torch.float32,
-                     device=x.device)
+    grid = reduction_grid(x, vx, splits)
+    dg = grid.partial(x.device)
     kernel = _gate_grad_kernel if INTERPRETED else wrap_triton(_gate_grad_kernel)
-    kernel[(N * n_cblocks * splits,)](
+    kernel[(grid.programs,)](
         vd.tensor, vx.tensor, vr.tensor, vo.tensor, g.to(torch.float32).contiguous(),
-        vz.tensor if store_dz else vx.tensor, dg, N, C, S, tiles_per_split * tile.block_s,
-        n_cblocks, splits, vd.stride_n, vd.stride_c, vd.stride_s, vx.stride_n, vx.stride_c,
+        vz.tensor if store_dz else vx.tensor, dg, grid.N, grid.C, grid.S, grid.s_per_split,
+        grid.n_cblocks, grid.splits, vd.stride_n, vd.stride_c, vd.stride_s, vx.stride_n, vx.stride_c,
         vx.stride_s, vr.stride_n, vr.stride_c, vr.stride_s, vo.stride_n, vo.stride_c,
         vo.stride_s, vz.stride_n, vz.stride_c, vz.stride_s,
         HAS_SC=shortcut is not None, OUT_ACT=code, STORE_DZ=store_dz,
-        BLOCK_S=tile.block_s, BLOCK_C=tile.block_c,
+        BLOCK_S=grid.tile.block_s, BLOCK_C=grid.tile.block_c,
     )
-    return (dg if splits == 1 else dg.sum(0)), dz
+    return (dg if grid.splits == 1 else dg.sum(0)), dz
 
 
 def input_grad_launch(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:

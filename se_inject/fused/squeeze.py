@@ -16,10 +16,7 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ._common import (
-    INTERPRETED, REDUCE_ELEMS, cdiv, ncs, num_splits, pick_tile, register_op, target_programs,
-    tensors_supported, tl, triton,
-)
+from ._common import INTERPRETED, ncs, reduction_grid, register_op, split_ids, tensors_supported, tl, triton
 
 __all__ = ["squeeze", "squeeze_launch", "squeeze_mean", "squeeze_mean_reference"]
 
@@ -28,16 +25,9 @@ __all__ = ["squeeze", "squeeze_launch", "squeeze_mean", "squeeze_mean_reference"
 def _squeeze_kernel(x_ptr, out_ptr, N, C, S, stride_n, stride_c, stride_s, s_per_split, scale,
                     n_cblocks, splits, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[split, n, c] = scale * sum of x[n, c, s] over split's positions, in fp32."""
-    pid = tl.program_id(0)
-    cb = pid % n_cblocks
-    rest = pid // n_cblocks
-    split = rest % splits
-    n = rest // splits
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    n, split, offs_c, mask_c, s_lo, s_hi = split_ids(tl.program_id(0), n_cblocks, splits, s_per_split, C, S,
+                                                     BLOCK_C)
     base = x_ptr + n.to(tl.int64) * stride_n
-    s_lo = split * s_per_split
-    s_hi = tl.minimum(s_lo + s_per_split, S)
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -55,22 +45,15 @@ def squeeze_launch(x: Tensor, *, mean: bool = True, splits: Optional[int] = None
     :func:`~se_inject.fused._common.num_splits` picks it from the device's size.
     """
     v = ncs(x)
-    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    tile = pick_tile(C, S, v.stride_c, v.stride_s, REDUCE_ELEMS)
-    n_cblocks, s_tiles = cdiv(C, tile.block_c), cdiv(S, tile.block_s)
-    if splits is None:
-        splits = num_splits(N * n_cblocks, s_tiles, target_programs(x.device))
-    tiles_per_split = cdiv(s_tiles, max(1, min(splits, s_tiles)))
-    splits = cdiv(s_tiles, tiles_per_split)
-    shape = (N, C) if splits == 1 else (splits, N, C)
-    partial = torch.empty(shape, dtype=torch.float32, device=x.device)
+    grid = reduction_grid(x, v, splits)
+    partial = grid.partial(x.device)
     kernel = _squeeze_kernel if INTERPRETED else wrap_triton(_squeeze_kernel)
-    kernel[(N * n_cblocks * splits,)](
-        v.tensor, partial, N, C, S, v.stride_n, v.stride_c, v.stride_s,
-        tiles_per_split * tile.block_s, 1.0 / S if mean else 1.0, n_cblocks, splits,
-        BLOCK_S=tile.block_s, BLOCK_C=tile.block_c,
+    kernel[(grid.programs,)](
+        v.tensor, partial, grid.N, grid.C, grid.S, v.stride_n, v.stride_c, v.stride_s,
+        grid.s_per_split, 1.0 / grid.S if mean else 1.0, grid.n_cblocks, grid.splits,
+        BLOCK_S=grid.tile.block_s, BLOCK_C=grid.tile.block_c,
     )
-    return partial if splits == 1 else partial.sum(0)
+    return partial if grid.splits == 1 else partial.sum(0)
 
 
 def squeeze(x: Tensor, use_triton: bool) -> Tensor:
