@@ -75,10 +75,10 @@ class Place:
         tail = env.get(self.tail)
         if tail is None:
             return None
+        index = GraphIndex(gm)
         if self.position == "pre":
             branch = env.get(self.branch)
-            upstream = _upstream(branch) if branch is not None else set()
-            readers = [u for u in tail.users if u in upstream]
+            readers = [u for u in tail.users if branch is not None and index.reaches(u, branch)]
         elif self.position == "post":
             _read_result_of_inplace(tail)
             readers = list(tail.users)
@@ -91,18 +91,7 @@ class Place:
             readers = [consumer] if consumer is not None and self.consumer not in collapsed else []
         if not readers:
             return None
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        return tail, sorted(readers, key=order.__getitem__)
-
-
-def _upstream(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+        return tail, sorted(readers, key=index.position.__getitem__)
 
 
 def _inplace(node: fx.Node) -> bool:
