@@ -4,12 +4,15 @@
 >>> se_model = se_inject.apply(timm.create_model("resnet50"), reduction=16)  # doctest: +SKIP
 
 ``apply`` / ``inject`` / ``find_sites`` rewrite or analyse a model; ``build_report`` measures what
-SE cost; ``save`` / ``load`` store a converted model as safetensors plus a JSON recipe.
+SE cost; ``bench`` times it against the original and timm's hand-written twin; ``save`` / ``load``
+store a converted model as safetensors plus a JSON recipe.
 """
 
 from .api import apply, default_example_inputs, find_sites, inject
+from .bench import BenchResult, bench  # the function: ``se_inject.bench`` is not the subpackage
 from .checkpoint import load_checkpoint, read_state_dict
 from .errors import (
+    BenchError,
     CheckpointError,
     ExampleInputError,
     GraphModuleRootWarning,
@@ -42,9 +45,11 @@ __all__ = [
     "SEBlock", "SEResidual", "se_hidden_channels", "set_kernels", "KERNELS",
     # reporting and files
     "Report", "build_report", "save", "load", "read_state_dict", "load_checkpoint",
+    # benchmarking
+    "bench", "BenchResult",
     # errors and warnings
     "SEInjectError", "NotAModuleError", "OptionError", "TraceError", "ExampleInputError",
-    "VerificationError", "RecipeError", "CheckpointError", "UnknownModelError", "NoResidualAddsError",
+    "VerificationError", "RecipeError", "CheckpointError", "UnknownModelError", "NoResidualAddsError", "BenchError",
     "SEInjectWarning", "NoResidualAddsWarning", "RefusedModuleWarning", "GraphModuleRootWarning",
     "__version__",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "UnknownModelError",
     "NoResidualAddsError",
+    "BenchError",
     "SEInjectWarning",
     "NoResidualAddsWarning",
     "RefusedModuleWarning",
@@ -65,6 +66,11 @@ class UnknownModelError(SEInjectError, ValueError):
 
 class NoResidualAddsError(SEInjectError, ValueError):
     """The ``se-inject`` command was asked to convert a model that has no site for SE."""
+
+
+class BenchError(SEInjectError, RuntimeError):
+    """A benchmark could not measure what it was asked to (a variant failed to compile or run, or
+    torch.compile hit its recompile limit, which would have timed eager code as compiled)."""
 
 
 class SEInjectWarning(UserWarning):
