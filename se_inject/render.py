@@ -1,10 +1,10 @@
 """Draw what se_inject found and what SE cost, with rich: the report, the dry run's plan, the
-adds that were skipped, and a summary over several models. Data comes from
+adds that were skipped, a summary over several models, and a benchmark's timings. Data comes from
 :mod:`se_inject.report` and :mod:`se_inject.plan`; nothing here computes anything."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -13,7 +13,10 @@ from rich.table import Table
 from .plan import SKIP_REASONS, SitePlan, Skip, Untraceable
 from .report import FLOPS_NOTE, Report
 
-__all__ = ["render_report", "render_plan", "render_skipped", "render_untraceable", "render_summary"]
+if TYPE_CHECKING:
+    from .bench import BenchResult, Cell, ModelBench, Spread
+
+__all__ = ["render_report", "render_plan", "render_skipped", "render_untraceable", "render_summary", "render_bench"]
 
 
 def _si(value: float, unit: str = "") -> str:
@@ -144,3 +147,64 @@ def render_summary(reports: Sequence[Report], console: Console) -> None:
                       "–" if r.elementwise_flops is None else _pct(r.flops_added + r.elementwise_flops,
                                                                    r.flops_before))
     console.print(table)
+
+
+def _spread_pct(value: "Spread") -> str:
+    return f"{100 * value.median:+.1f}% ({100 * value.q1:+.1f}…{100 * value.q3:+.1f})"
+
+
+def _mib(value: Optional[int], base: Optional[int] = None) -> str:
+    if value is None:
+        return "–"
+    relative = f" ({100 * (value / base - 1):+.1f}%)" if base and value != base else ""
+    return f"{value / 2 ** 20:.1f} MiB{relative}"
+
+
+def render_bench(result: "BenchResult", console: Console) -> None:
+    """Draw a benchmark: per model its variants (parameters, FLOPs), then one table per batch
+    size with every cell's timings, overheads and memory; skipped cells and twins left out below."""
+    env, settings = result.environment, result.settings
+    what = "  ·  ".join([env["device"], settings["dtype"]] + (["channels_last"] if settings["channels_last"] else [])
+                        + [f"torch {env['torch']}"])
+    for model in result.models:
+        if model.error is not None:
+            continue
+        shape = "x".join(map(str, model.input_size))
+        built = _table(f"{model.model}  ·  input {shape}  ·  {what}",
+                       [("variant", "left"), ("model", "left"), ("params", "right"), ("FLOPs / image", "right")])
+        for v in model.variants:
+            built.add_row(v.name + (f" ({v.kernels})" if v.kernels and v.name == "se_inject" else ""), v.model,
+                          f"{v.params:,}", _si(v.flops))
+        console.print(built)
+        cells = [c for c in result.cells if c.model == model.model]
+        for batch in dict.fromkeys(c.batch_size for c in cells):
+            console.print(_bench_table(model, [c for c in cells if c.batch_size == batch], batch))
+        if model.twin_note and "timm" in settings["variants"]:
+            console.print(f"[dim]no timm twin: {escape(model.twin_note)}[/dim]")
+    console.print("[dim]ms: median over rounds of the mean per iteration (IQR in brackets); overheads: median (IQR) of "
+                  "the per-round paired ratios; saved: bytes autograd keeps for backward, each storage once; "
+                  "peak: CUDA memory one step allocates beyond the resident models. Warm-up includes compilation.[/dim]")
+
+
+def _bench_table(model: "ModelBench", cells: Sequence["Cell"], batch: int) -> Table:
+    timings = [t for c in cells for t in c.timings]
+    saved = any(t.saved_bytes is not None for t in timings)
+    peak = any(t.cuda_peak_bytes is not None for t in timings)
+    columns = ["ms (IQR)", "images/s", "vs original", "vs timm", "warm-up s"] + ["saved"] * saved + ["peak"] * peak
+    table = _table(f"{model.model}  ·  batch {batch}",
+                   [("mode", "left"), ("", "left"), ("variant", "left")] + [(c, "right") for c in columns])
+    for cell in cells:
+        kind = "compiled" if cell.compiled else "eager"
+        if cell.skipped is not None:
+            table.add_row(cell.mode, kind, "[dim]skipped[/dim]", f"[dim]{escape(cell.skipped)}[/dim]")
+            table.add_section()
+            continue
+        base = {t.variant: (t.saved_bytes, t.cuda_peak_bytes) for t in cell.timings}.get("original", (None, None))
+        for t in cell.timings:
+            row = [f"{t.ms.median:.2f} ({t.ms.q1:.2f}–{t.ms.q3:.2f})", f"{t.images_per_s.median:,.1f}",
+                   _spread_pct(cell.overhead[t.variant]) if t.variant in cell.overhead else "",
+                   _spread_pct(cell.vs_twin[t.variant]) if t.variant in cell.vs_twin else "", f"{t.warmup_s:.1f}"]
+            row += [_mib(t.saved_bytes, base[0])] * saved + [_mib(t.cuda_peak_bytes, base[1])] * peak
+            table.add_row(cell.mode, kind, t.variant, *row)
+        table.add_section()
+    return table
