@@ -327,3 +327,33 @@ def test_importing_se_inject_leaves_the_harness_unloaded():
             "[m for m in ('se_inject.bench.run', 'se_inject.bench.steps', 'se_inject.bench.variants') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.split("\n")[0] == "True []", done.stderr
+
+
+def test_building_the_variants_leaves_the_callers_random_stream_as_it_was():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    build_variants("resnet18", variants=("original", "se_inject"), options={}, seed=0, img_size=32)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_model_that_cannot_be_converted_is_a_failure_and_the_others_still_run():
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    result = se_inject.bench([plain, "resnet18"], variants=["original", "se_inject"], modes=["infer"],
+                             compiled=[False], rounds=1, **TINY)
+    assert list(result.failures) == ["Sequential"]
+    assert result.failures["Sequential"].startswith("Sequential has no residual add that can take an SE block")
+    assert [(c.model, [t.variant for t in c.timings]) for c in result.cells] == [("resnet18", ["original", "se_inject"])]
+
+
+def test_a_hugging_face_directory_is_benchmarked_from_its_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+                                       num_labels=10)
+    transformers.ResNetForImageClassification(config).save_pretrained(tmp_path)
+    result = se_inject.bench(str(tmp_path), modes=["train"], compiled=[False], rounds=1, **TINY)
+    (model,) = result.models
+    assert [(v.name, v.params) for v in model.variants] == [("original", 21_914), ("se_inject", 22_746)]
+    assert model.twin_note == "a twin is looked up by timm model name"
+    saved = {t.variant: t.saved_bytes for t in result.cells[0].timings}
+    assert saved["se_inject"] > saved["original"]

@@ -58,7 +58,8 @@ def bench(models: Union[str, nn.Module, Sequence[Union[str, nn.Module]]], *,
             ``se_inject plain`` / ``se_inject fused`` (kernels forced), ``timm`` (the twin).
         modes: ``infer`` (no_grad, eval) and/or ``train`` (forward, cross-entropy, backward,
             SGD step). ``compiled``: False (eager) and/or True (the forward under torch.compile,
-            each variant compiled fresh; a recompile-limit hit raises instead of running eager).
+            each variant compiled fresh; a recompile-limit hit raises instead of running eager;
+            each compiled cell resets torch.compile's caches, for the whole process).
         compile_mode, backend: torch.compile's (``"reduce-overhead"``: CUDA graphs; the
             ``"eager"`` backend checks the harness cheaply). ``freeze``: inductor's freezing.
         device: ``"cpu"`` or ``"cuda"`` (default: cuda when available). ``dtype``: ``"fp32"``,
@@ -67,15 +68,14 @@ def bench(models: Union[str, nn.Module, Sequence[Union[str, nn.Module]]], *,
         rounds, reps, warmup: rounds at most, iterations per variant and round, untimed first.
         budget_s: seconds for the whole run: cells share what is left and stop adding rounds
             at their share; a cell that cannot fit is recorded as skipped.
-        seed: every variant is built after ``torch.manual_seed(seed)``, inputs drawn from it.
-        num_classes, strict: as ``se-inject report`` takes them.
+        seed: every variant is built after ``torch.manual_seed(seed)``, inputs drawn from it;
+            ``num_classes``, ``strict``: as ``se-inject report`` takes them.
 
     Options (keyword-only, those of :func:`se_inject.apply`):
         {options}
 
-    Returns:
-        A :class:`BenchResult` (``to_dict()`` for JSON). A model that cannot be converted is in
-        its ``failures``; the others still run.
+    Returns a :class:`BenchResult` (``to_dict()`` for JSON); a model that cannot be converted is
+    in its ``failures``, and the others still run.
 
     Raises:
         OptionError (a setting that cannot run: batch size 0, CUDA without a GPU, fp16 on the

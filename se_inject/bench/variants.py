@@ -120,10 +120,18 @@ def build_variants(source: Union[str, nn.Module], *, variants: tuple[str, ...], 
                    strict: bool = False) -> BuiltModel:
     """Build the ``variants`` of ``source`` (a timm name, a Hugging Face directory or a module).
 
+    The caller's random stream is left as it was.
+
     Raises:
         UnknownModelError, NoResidualAddsError, TraceError, ...: the model cannot be built or
             converted (an SE variant was asked for and it has no site).
     """
+    with torch.random.fork_rng(devices=[]):
+        return _build(source, variants, options, seed, img_size, num_classes, strict)
+
+
+def _build(source: Union[str, nn.Module], variants: tuple[str, ...], options: Mapping[str, Any], seed: int,
+           img_size: Optional[int], num_classes: Optional[int], strict: bool) -> BuiltModel:
     name = source if isinstance(source, str) else type(source).__name__
     opts = SEOptions.from_kwargs(options, caller="bench")
     torch.manual_seed(seed)
