@@ -170,7 +170,7 @@ def render_bench(result: "BenchResult", console: Console) -> None:
         if model.error is not None:
             continue
         shape = "x".join(map(str, model.input_size))
-        built = _table(f"{model.model}  ·  input {shape}  ·  {what}",
+        built = _table(f"{model.model}  ·  input {shape}",
                        [("variant", "left"), ("model", "left"), ("params", "right"), ("FLOPs / image", "right")])
         for v in model.variants:
             built.add_row(v.name + (f" ({v.kernels})" if v.kernels and v.name == "se_inject" else ""), v.model,
@@ -178,7 +178,7 @@ def render_bench(result: "BenchResult", console: Console) -> None:
         console.print(built)
         cells = [c for c in result.cells if c.model == model.model]
         for batch in dict.fromkeys(c.batch_size for c in cells):
-            console.print(_bench_table(model, [c for c in cells if c.batch_size == batch], batch))
+            console.print(_bench_table(model, [c for c in cells if c.batch_size == batch], batch, what))
         if model.twin_note and "timm" in settings["variants"]:
             console.print(f"[dim]no timm twin: {escape(model.twin_note)}[/dim]")
     console.print("[dim]ms: median over rounds of the mean per iteration (IQR in brackets); overheads: median (IQR) of "
@@ -186,12 +186,12 @@ def render_bench(result: "BenchResult", console: Console) -> None:
                   "peak: CUDA memory one step allocates beyond the resident models. Warm-up includes compilation.[/dim]")
 
 
-def _bench_table(model: "ModelBench", cells: Sequence["Cell"], batch: int) -> Table:
+def _bench_table(model: "ModelBench", cells: Sequence["Cell"], batch: int, what: str) -> Table:
     timings = [t for c in cells for t in c.timings]
     saved = any(t.saved_bytes is not None for t in timings)
     peak = any(t.cuda_peak_bytes is not None for t in timings)
     columns = ["ms (IQR)", "images/s", "vs original", "vs timm", "warm-up s"] + ["saved"] * saved + ["peak"] * peak
-    table = _table(f"{model.model}  ·  batch {batch}",
+    table = _table(f"{model.model}  ·  batch {batch}  ·  {what}",
                    [("mode", "left"), ("", "left"), ("variant", "left")] + [(c, "right") for c in columns])
     for cell in cells:
         kind = "compiled" if cell.compiled else "eager"
