@@ -13,6 +13,11 @@ taken between medians measured in the same run:
 Ratios are computed per round (the variants of a round run back to back) and summarised by
 their median and interquartile range, which cancels the drift of a shared machine between rounds.
 
+The measuring is ``se_inject.bench``'s (``se_inject/bench/``, also ``se-inject bench``): each
+compiled variant compiled fresh, a recompile-limit hit an error instead of eager timings, the
+bytes a training step saves for backward counted; this script keeps its command line and the
+format of its results (rows now also carry ``warmup_s``, ``saved_bytes`` and ``cuda_peak_bytes``).
+
 Results go to ``benchmarks/results/<name>-<device>.json`` and ``.md`` (``--name``, default ``models``).
 
     python benchmarks/bench_models.py                                  # CPU defaults, a few minutes
@@ -23,175 +28,57 @@ Results go to ``benchmarks/results/<name>-<device>.json`` and ``.md`` (``--name`
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import timm
 import torch
 from rich.console import Console
 
 import se_inject
+from se_inject.bench import DTYPES, timing
+from se_inject.bench.run import device_name
 
 try:
     from .common import RESULTS, table, write_results
 except ImportError:  # run as a script: python benchmarks/bench_models.py
     from common import RESULTS, table, write_results  # type: ignore[no-redef]
 
-NATIVE_SE = {
-    "resnet18": "seresnet18",
-    "resnet34": "seresnet34",
-    "resnet50": "seresnet50",
-    "resnet101": "seresnet101",
-    "resnet152": "seresnet152",
-    "resnext50_32x4d": "seresnext50_32x4d",
-    "resnext101_32x8d": "seresnext101_32x8d",
-}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["VARIANTS", "bench_model", "ratios", "render", "device_name", "main"]
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+#: The variants a run can compare, as this script has always named them: se_inject's model with
+#: its default kernels ("auto": the fused op on CUDA in eager mode, plain torch ops under
+#: torch.compile), forced to plain torch ops, or to the fused op under torch.compile too; and
+#: timm's hand-written SE model where timm has one (se_inject.bench's "timm" variant).
+VARIANTS = ("original", "se_inject", "se_inject plain", "se_inject fused", "timm SE")
+_LIBRARY = {"timm SE": "timm"}
+_SCRIPT = {v: k for k, v in _LIBRARY.items()}
 
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
-#: The variants a run can compare: se_inject's model with its default kernels ("auto": the fused op
-#: on CUDA in eager mode, plain torch ops under torch.compile), forced to plain torch ops, or to
-#: the fused op under torch.compile too; and timm's hand-written SE model where timm has one.
-VARIANTS = ("original", "se_inject", "se_inject plain", "se_inject fused", "timm SE")
-_KERNELS = {"se_inject": "auto", "se_inject plain": "plain", "se_inject fused": "fused"}
-
-
-def build_variants(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
-    """The variants ``args.variants`` asks for (timm SE only where timm has one), same init seed."""
-    torch.manual_seed(0)
-    original = timm.create_model(name, pretrained=False)
-    example = torch.randn(1, 3, args.img_size, args.img_size)
-    converted = se_inject.apply(original, example_inputs=example) if set(_KERNELS) & set(args.variants) else None
-    variants: dict[str, torch.nn.Module] = {}
-    for variant in args.variants:
-        if variant == "original":
-            variants[variant] = original
-        elif variant in _KERNELS:
-            copy = converted if variant == "se_inject" else se_inject.apply(original, example_inputs=example)
-            variants[variant] = se_inject.set_kernels(copy, _KERNELS[variant])
-        elif variant == "timm SE" and name in NATIVE_SE:
-            variants[variant] = timm.create_model(NATIVE_SE[name], pretrained=False)
-    memory = torch.channels_last if args.channels_last else torch.contiguous_format
-    return {k: m.to(device=device, memory_format=memory) for k, m in variants.items()}
-
-
-def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
-              compiled: bool, compile_mode: Optional[str] = None) -> Callable[[], Any]:
-    """A closure running one inference or one training step."""
-    autocast = dtype != torch.float32
-    device_type = x.device.type
-    if mode == "infer":
-        model.eval()
-        fn = torch.compile(model, mode=compile_mode) if compiled else model
-
-        def step() -> Any:
-            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                return fn(x)
-        return step
-
-    model.train()
-    fn = torch.compile(model, mode=compile_mode) if compiled else model
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step() -> Any:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=dtype, enabled=autocast):
-            loss = loss_fn(fn(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-    return step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_round(step: Callable[[], Any], reps: int, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        step()
-    sync(device)
-    return (time.perf_counter() - start) / reps
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, console: Console) -> list[dict]:
-    dtype = DTYPES[args.dtype]
-    variants = build_variants(name, args, device)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    if not args.freeze:
-        return _bench_modes(name, args, variants, x, y, dtype, device, console)
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch(freezing=True):
-        return _bench_modes(name, args, variants, x, y, dtype, device, console)
-
-
-def _bench_modes(name: str, args: argparse.Namespace, variants: dict, x: torch.Tensor, y: torch.Tensor,
-                 dtype: torch.dtype, device: torch.device, console: Console) -> list[dict]:
+    """Time ``name``'s variants with ``se_inject.bench``; one row per (variant, mode, compiled)."""
+    result = se_inject.bench(
+        name, variants=[_LIBRARY.get(v, v) for v in args.variants], modes=args.modes, compiled=args.compile,
+        compile_mode=args.compile_mode, freeze=args.freeze, device=str(device), dtype=args.dtype,
+        channels_last=args.channels_last, batch_sizes=[args.batch_size], img_size=args.img_size, rounds=args.rounds,
+        reps=args.reps, warmup=args.warmup, budget_s=getattr(args, "budget_s", None))
+    for model, error in result.failures.items():
+        console.log(f"{model}: {error}")
     rows = []
-    for mode in args.modes:
-        for compiled in args.compile:
-            steps: dict[str, Callable[[], Any]] = {}
-            for vname, model in variants.items():
-                steps[vname] = make_step(model, mode, x, y, dtype, compiled, args.compile_mode)
-                started = time.perf_counter()
-                for _ in range(args.warmup):  # compiles on the first call
-                    steps[vname]()
-                sync(device)
-                console.log(f"{name} {vname} {mode} {'compiled' if compiled else 'eager'}: "
-                            f"warm-up {time.perf_counter() - started:.1f}s")
-            times: dict[str, list[float]] = {v: [] for v in steps}
-            order = list(steps)
-            for r in range(args.rounds):
-                rotated = order[r % len(order):] + order[: r % len(order)]
-                for vname in rotated:
-                    times[vname].append(time_round(steps[vname], args.reps, device))
-            for vname, values in times.items():
-                q1, med, q3 = quartiles(values)
-                rows.append({"model": name, "variant": vname, "mode": mode,
-                             "compiled": compiled, "median_ms": med * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
-                             "rounds_ms": [v * 1e3 for v in values]})
+    for cell in result.cells:
+        kind = "compiled" if cell.compiled else "eager"
+        if cell.skipped:
+            console.log(f"{name} {cell.mode} {kind}: skipped ({cell.skipped})")
+        for t in cell.timings:
+            console.log(f"{name} {_SCRIPT.get(t.variant, t.variant)} {cell.mode} {kind}: warm-up {t.warmup_s:.1f}s")
+            rows.append({"model": name, "variant": _SCRIPT.get(t.variant, t.variant), "mode": cell.mode,
+                         "compiled": cell.compiled, "median_ms": t.ms.median, "q1_ms": t.ms.q1, "q3_ms": t.ms.q3,
+                         "rounds_ms": list(t.rounds_ms), "warmup_s": t.warmup_s, "saved_bytes": t.saved_bytes,
+                         "cuda_peak_bytes": t.cuda_peak_bytes})
     return rows
-
-
-def _paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Quartiles of the per-round ratios a[r] / b[r]: pairing cancels drift between rounds."""
-    return quartiles([x / y for x, y in zip(a, b)])
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -202,13 +89,13 @@ def ratios(rows: list[dict]) -> list[dict]:
     for model, mode, compiled in keys:
         group = {r["variant"]: r["rounds_ms"] for r in rows
                  if (r["model"], r["mode"], r["compiled"]) == (model, mode, compiled)}
-        for variant in (v for v in VARIANTS if v in group and v != "original"):
-            q1, med, q3 = _paired(group[variant], group["original"])
+        for variant in (v for v in VARIANTS if v in group and v != "original" and "original" in group):
+            over = timing.paired(group[variant], group["original"])
             entry: dict[str, Any] = {"model": model, "mode": mode, "compiled": compiled, "variant": variant,
-                                     "overhead": med - 1, "overhead_iqr": [q1 - 1, q3 - 1]}
+                                     "overhead": over.median, "overhead_iqr": [over.q1, over.q3]}
             if "timm SE" in group and variant != "timm SE":
-                q1, med, q3 = _paired(group["timm SE"], group[variant])
-                entry["vs_timm"], entry["vs_timm_iqr"] = med, [q1, q3]
+                vs = timing.paired(group["timm SE"], group[variant], minus_one=False)
+                entry["vs_timm"], entry["vs_timm_iqr"] = vs.median, [vs.q1, vs.q3]
             out.append(entry)
     return out
 
@@ -220,9 +107,10 @@ def _pct(value: float, iqr: list[float]) -> str:
 def render(rows: list[dict], summary: list[dict], console: Console, title: str) -> str:
     """Print the tables and return them as markdown."""
     times = [(r["model"], r["mode"], "compiled" if r["compiled"] else "eager", r["variant"],
-              f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}–{r['q3_ms']:.2f}") for r in rows]
-    md = table(console, title, ("model", "mode", "", "variant", "median ms", "IQR ms"), times,
-               align="llllrr", heading=f"### {title}")
+              f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}–{r['q3_ms']:.2f}",
+              "–" if r.get("saved_bytes") is None else f"{r['saved_bytes'] / 2 ** 20:.1f}") for r in rows]
+    md = table(console, title, ("model", "mode", "", "variant", "median ms", "IQR ms", "saved for backward MiB"),
+               times, align="llllrrr", heading=f"### {title}")
     ratio_rows = [(s["model"], s["mode"], "compiled" if s["compiled"] else "eager", s["variant"],
                    _pct(s["overhead"], s["overhead_iqr"]),
                    f"{s['vs_timm']:.3f} ({s['vs_timm_iqr'][0]:.3f}…{s['vs_timm_iqr'][1]:.3f})" if "vs_timm" in s else "–")
@@ -253,6 +141,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--freeze", action="store_true",
                    help="compiled inference with inductor's freezing (constant-folds weights, folds BN into convs)")
+    p.add_argument("--budget-s", type=float, default=None, help="seconds per model (se_inject.bench's budget)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--name", default="models", help="results file stem: <out>/<name>-<device>.json/.md")
     args = p.parse_args(argv)
