@@ -80,7 +80,7 @@ def test_warnings_point_at_the_callers_line(entry):
     (se_inject.TraceError, RuntimeError), (se_inject.ExampleInputError, ValueError),
     (se_inject.VerificationError, RuntimeError), (se_inject.RecipeError, ValueError),
     (se_inject.CheckpointError, ValueError), (se_inject.UnknownModelError, ValueError),
-    (se_inject.NoResidualAddsError, ValueError),
+    (se_inject.NoResidualAddsError, ValueError), (se_inject.BenchError, RuntimeError),
 ])
 def test_every_error_is_also_the_builtin_a_caller_would_catch(error, builtin):
     assert issubclass(error, se_inject.SEInjectError) and issubclass(error, builtin)

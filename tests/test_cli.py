@@ -115,7 +115,7 @@ def test_help_for_every_command_and_option():
     assert done.returncode == 0 and "examples:" in done.stdout
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(commands) == {"report", "sites", "convert"}
+    assert set(commands) == {"report", "sites", "convert", "bench"}
     for name, sub in commands.items():
         assert "examples:" in sub.format_help(), name
         for action in sub._actions:
