@@ -98,6 +98,23 @@ def test_saved_for_backward_bytes_are_equal_for_se_inject_and_timms_twin_and_lar
     assert saved == {"original": 47_720_960, "se_inject": 48_227_840, "timm": 48_227_840}
 
 
+def test_the_tables_show_the_variants_the_timings_and_the_memory(eager_run):
+    from rich.console import Console
+
+    from se_inject.render import render_bench
+
+    result, _ = eager_run
+    console = Console(record=True, width=250)
+    render_bench(result, console)
+    text = console.export_text()
+    train = result.cells[1]
+    overhead = train.overhead["se_inject"]
+    for expected in ("seresnet18", "11,779,624", "resnet18  ·  batch 2", "45.5 MiB", "46.0 MiB (+1.1%)",
+                     f"{100 * overhead.median:+.1f}% ({100 * overhead.q1:+.1f}…{100 * overhead.q3:+.1f})",
+                     f"{train.timing('timm').ms.median:.2f}"):
+        assert expected in text, expected
+
+
 def test_saved_for_backward_counts_each_storage_once_whatever_views_or_ops_save_it():
     x = torch.randn(4, 8, requires_grad=True)
     with memory.saved_for_backward() as saved:

@@ -38,8 +38,9 @@ def add_parser(sub: Any, add_options: Callable[[argparse.ArgumentParser], None],
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="timm model name(s), a quoted glob such as 'resnet*', or a Hugging Face model directory")
     add_options(p)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
-                   help="what to time (default: original se_inject timm; timm is timm's twin, where it exists)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS), metavar="NAME",
+                   help=f"what to time, of {', '.join(repr(v) for v in VARIANTS)} (default: original se_inject timm; "
+                        f"timm is timm's hand-written twin, where one exists)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="infer (no_grad) and/or train (forward, loss, backward, SGD step); default both")
     p.add_argument("--compile", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
