@@ -230,3 +230,32 @@ def test_a_failed_inplace_swap_takes_transformers_capture_hooks_off_again():
     se_inject.apply(model, example_inputs=X, inplace=True)
     assert hooks(model) != before  # the capture hooks really are installed by a swap that succeeds
     assert len(model(X, output_hidden_states=True).hidden_states) == 3
+
+
+# -- converted models pickle like the originals (issue 23 row 4) ------------------------------------
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_a_converted_convnext_pickles_and_computes_the_same_after_unpickling(how):
+    """se_inject installs transformers' output-capturing hooks (closures, which pickle cannot save)
+    at apply time; they are kept as CaptureHook objects that pickle, and still record the stages."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1],
+                                                          num_labels=3)).eval()
+    converted = se_inject.apply(model, example_inputs=X[:1])
+    if how == "pickle":
+        again = pickle.loads(pickle.dumps(converted))
+    else:
+        buffer = io.BytesIO()
+        torch.save(converted, buffer)
+        buffer.seek(0)
+        again = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        expected, got = converted(X, output_hidden_states=True), again(X, output_hidden_states=True)
+    assert torch.equal(got.logits, expected.logits)
+    assert len(got.hidden_states) == len(expected.hidden_states) == 5
+    assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states))
+    assert len(model(X, output_hidden_states=True).hidden_states) == 5  # the original's stages, all kept
+    assert type(again) is ConvNextForImageClassification
