@@ -9,7 +9,7 @@ import torch
 
 import se_inject
 from se_inject import CheckpointError, RecipeError, UnknownModelError
-from se_inject.recipe import RECIPE_FILE, WEIGHTS_FILE, _sha256
+from se_inject.recipe import RECIPE_FILE, WEIGHTS_FILE, _sha256, read_recipe
 
 X64 = torch.randn(2, 3, 64, 64)
 
@@ -164,3 +164,56 @@ def test_checkpoints_are_read_without_pickle(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit ResNet: missing tensors \['layer1.0.bn3.bias'.*"
                        r"wrong shape \['layer1.0.conv1.weight: \(64, 64, 3, 3\) vs \(64, 64, 1, 1\)'"):
         se_inject.load_checkpoint(timm.create_model("resnet50"), tmp_path / "wrapped.pth")
+
+
+def _tiny(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=5, **kwargs)
+    return se_inject.inject(model, example_inputs=torch.randn(1, 3, 64, 64), identity_init=True)
+
+
+# -- a recipe names a model and its options, nothing else (issue 23 rows 2 and 3) -------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint_path": "/etc/hostname"}, r"source\.kwargs\.checkpoint_path='/etc/hostname' would make timm read a "
+                                           r"file or download"),
+    ({"pretrained": True}, r"source\.kwargs\.pretrained=True would make timm read a file or download"),
+    ({"pretrained_cfg": "a1_in1k"}, r"source\.kwargs\.pretrained_cfg='a1_in1k' would make timm read"),
+    ({"pretrained_cfg_overlay": {"file": "/tmp/w.pth"}}, r"source\.kwargs\.pretrained_cfg_overlay=.* would make timm"),
+    ({"cache_dir": "hub"}, r"source\.kwargs\.cache_dir='hub' would make timm read"),
+    ({"block_args": {"attn_layer": "se"}}, r"source\.kwargs\.block_args is a dict: timm kwargs are recorded only as "
+                                           r"numbers, strings, booleans, null and lists of them"),
+    ({"act_layer": "../../x"}, r"source\.kwargs\.act_layer='\.\./\.\./x' names a file or a hub location"),
+    ({"img_size": [64, "hf-hub:x"]}, r"source\.kwargs\.img_size=\[64, 'hf-hub:x'\] names a file or a hub location"),
+], ids=["checkpoint_path", "pretrained", "pretrained_cfg", "overlay", "cache_dir", "object", "path", "scheme"])
+def test_a_recipe_whose_kwargs_read_files_or_download_is_refused_before_anything_is_read(
+        saved, tmp_path, monkeypatch, kwargs, message):
+    directory = copy_dir(saved[0], tmp_path / "copy")
+    edit_recipe(directory, source={"library": "timm", "model": "resnet18", "kwargs": {"num_classes": 10, **kwargs}})
+    read = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: read.append(a) or {})
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: read.append(a))
+    with pytest.raises(RecipeError, match=message):
+        se_inject.load(directory)
+    with pytest.raises(RecipeError, match=message):
+        read_recipe(directory)
+    assert read == []
+
+
+def test_a_model_name_naming_a_hub_or_a_directory_is_refused(saved, tmp_path):
+    directory = copy_dir(saved[0], tmp_path / "copy")
+    for name in ("hf-hub:timm/resnet18.a1_in1k", "local-dir:/tmp/model"):
+        edit_recipe(directory, source={"library": "timm", "model": name, "kwargs": {}})
+        with pytest.raises(RecipeError, match=r"source\.model=.* names a hub or file location"):
+            se_inject.load(directory)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint_path": "w.pth"}, r"cannot record this source: model\.kwargs\.checkpoint_path='w\.pth' would make "
+                                   r"timm read a file"),
+    ({"block_args": {"attn_layer": "se"}}, r"model\.kwargs\.block_args is a dict"),
+])
+def test_save_never_writes_kwargs_load_would_refuse(tmp_path, kwargs, message):
+    with pytest.raises(RecipeError, match=message):
+        se_inject.save(_tiny(), tmp_path / "out", model_name="test_resnet", model_kwargs=kwargs)
+    assert not (tmp_path / "out").exists()
