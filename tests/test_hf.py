@@ -314,6 +314,18 @@ def test_a_recipe_naming_a_class_that_is_not_a_concrete_model_for_its_config_is_
         se_inject.load(tmp_path / "se")
 
 
+def test_a_transformers_recipe_asking_for_a_huge_model_is_refused_before_allocating(tmp_path):
+    torch.manual_seed(0)
+    se_inject.save(se_inject.inject(ResNetForImageClassification(SMALL).eval(), example_inputs=X), tmp_path / "se")
+    recipe = json.loads((tmp_path / "se" / "recipe.json").read_text())
+    recipe["source"]["config"].update(hidden_sizes=[2_000_000, 2_000_000])
+    (tmp_path / "se" / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(se_inject.RecipeError, match=r"describes a ResNetForImageClassification of [\d,]{17,} "
+                                                    r"parameter and buffer elements, more than the 2,000,000,000 "
+                                                    r"load\(\) builds"):
+        se_inject.load(tmp_path / "se")
+
+
 # -- converted models pickle like the originals (issue 23 row 4) ------------------------------------
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
