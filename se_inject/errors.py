@@ -53,7 +53,9 @@ class VerificationError(SEInjectError, RuntimeError):
 
 
 class RecipeError(SEInjectError, ValueError):
-    """A saved se_inject directory is missing, corrupt, truncated or was not written by se_inject."""
+    """A saved se_inject directory is missing, corrupt, truncated or was not written by se_inject, or
+    a recipe or model directory asks for what se_inject never does (run its code, read other
+    files, download, build a model over the size limit or a class that is not a concrete model)."""
 
 
 class CheckpointError(SEInjectError, ValueError):

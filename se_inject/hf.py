@@ -7,20 +7,23 @@ must not pull it in): a model is a transformers model only if transformers is al
   installs them lazily, the first time ``output_hidden_states=True`` is asked for, on modules
   matched with ``isinstance``; a block that se_inject rewrote is a ``GraphModule`` and would be
   missed, and its hidden state silently dropped. Installed beforehand, the hooks move with the
-  block like any other hook; if the swap fails, they are taken off again.
+  block like any other hook; if the swap fails, they are taken off again. transformers makes each
+  hook a closure, which pickle cannot save; :class:`CaptureHook` stands in for it, rebuilding the
+  same closure with transformers' own function, so converted models pickle like the originals.
 * :func:`default_input_size` reads ``num_channels`` and ``image_size`` from the model's config.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections import OrderedDict
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
-__all__ = ["is_hf_model", "prepare", "prepared", "default_input_size"]
+__all__ = ["is_hf_model", "prepare", "prepared", "default_input_size", "CaptureHook"]
 
 
 def is_hf_model(model: Any) -> bool:
@@ -31,8 +34,60 @@ def is_hf_model(model: Any) -> bool:
     return isinstance(model, transformers.PreTrainedModel)
 
 
+_CAPTURING = "transformers.utils.output_capturing"
+_CLOSURE = "install_output_capuring_hook.<locals>.output_capturing_hook"  # transformers' spelling
+
+
+def _install_function() -> Callable[..., None]:
+    from transformers.utils.output_capturing import install_output_capuring_hook
+
+    return install_output_capuring_hook
+
+
+class CaptureHook:
+    """transformers' output-capturing forward hook, as an object that pickles.
+
+    ``install_output_capuring_hook(module, key, index, ...)`` registers a closure over its
+    arguments; pickle cannot save a closure, so a model holding one cannot be pickled or
+    ``torch.save``d. A ``CaptureHook`` keeps those arguments, builds the very same closure with
+    transformers' function (on a throwaway module), and calls it; pickling records the arguments
+    only, and unpickling builds the closure again.
+    """
+
+    def __init__(self, **arguments: Any) -> None:
+        self.arguments = arguments
+        probe = nn.Module()
+        _install_function()(probe, **arguments)
+        (self._hook,) = probe._forward_hooks.values()
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return self._hook(module, args, output)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_capture_hook, (self.arguments,))
+
+    def __repr__(self) -> str:
+        return f"CaptureHook({', '.join(f'{k}={v!r}' for k, v in self.arguments.items())})"
+
+
+def _capture_hook(arguments: dict[str, Any]) -> CaptureHook:
+    return CaptureHook(**arguments)
+
+
+def _as_capture_hook(hook: Any) -> Optional[CaptureHook]:
+    """The :class:`CaptureHook` doing what ``hook`` does, if it is transformers' capture closure."""
+    if getattr(hook, "__module__", None) != _CAPTURING or getattr(hook, "__qualname__", None) != _CLOSURE:
+        return None
+    parameters = list(inspect.signature(_install_function()).parameters)[1:]  # after the module
+    free = inspect.getclosurevars(hook).nonlocals
+    if not set(parameters) <= set(free):  # a transformers whose closure no longer holds its arguments
+        return None
+    return CaptureHook(**{name: free[name] for name in parameters})
+
+
 def prepare(model: nn.Module) -> None:
-    """Install transformers' output-capturing hooks on every transformers model under ``model``."""
+    """Install transformers' output-capturing hooks on every transformers model under ``model``,
+    each as a :class:`CaptureHook` (those transformers installed before are replaced too)."""
     if "transformers" not in sys.modules:
         return
     try:
@@ -42,6 +97,12 @@ def prepare(model: nn.Module) -> None:
     for m in model.modules():
         if is_hf_model(m) and getattr(m, "_can_record_outputs", None):
             maybe_install_capturing_hooks(m)
+    for m in model.modules():
+        hooks = m._forward_hooks
+        for handle_id, hook in list(hooks.items()):
+            replacement = _as_capture_hook(hook)
+            if replacement is not None:
+                hooks[handle_id] = replacement
 
 
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")

@@ -115,8 +115,9 @@ def _names(items: list[str], limit: int) -> str:
 
 
 def describe_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *,
-                      aliases: Iterable[str] = (), limit: int = 5) -> Optional[str]:
-    """None if ``given`` has exactly the names and shapes of ``expected``, else what differs.
+                      aliases: Iterable[str] = (), limit: int = 5, dtypes: bool = False) -> Optional[str]:
+    """None if ``given`` has exactly the names and shapes of ``expected`` (and with ``dtypes``
+    their dtypes), else what differs.
 
     ``aliases`` are expected names that may be absent (tied tensors stored once). At most
     ``limit`` names are shown per kind of difference.
@@ -125,8 +126,11 @@ def describe_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, 
     extra = sorted(set(given) - set(expected))
     wrong = [f"{k}: {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
              for k in given if k in expected and tuple(given[k].shape) != tuple(expected[k].shape)]
+    typed = [f"{k}: {str(given[k].dtype).removeprefix('torch.')} vs {str(expected[k].dtype).removeprefix('torch.')}"
+             for k in given if dtypes and k in expected and given[k].dtype != expected[k].dtype]
     parts = [f"{label} {_names(items, limit)}" for label, items in
-             (("missing tensors", missing), ("unexpected tensors", extra), ("tensors of the wrong shape", wrong))
+             (("missing tensors", missing), ("unexpected tensors", extra), ("tensors of the wrong shape", wrong),
+              ("tensors of the wrong dtype", typed))
              if items]
     return "; ".join(parts) or None
 

@@ -230,3 +230,126 @@ def test_a_failed_inplace_swap_takes_transformers_capture_hooks_off_again():
     se_inject.apply(model, example_inputs=X, inplace=True)
     assert hooks(model) != before  # the capture hooks really are installed by a swap that succeeds
     assert len(model(X, output_hidden_states=True).hidden_states) == 3
+
+
+# -- nothing in a model directory or a recipe runs code, reads other files or downloads (issue 23) ---
+
+def _remote_code_directory(tmp_path: Path, config: dict) -> tuple[Path, Path]:
+    """A directory whose config.json asks for custom code in x.py, which would create a marker."""
+    directory, marker = tmp_path / "evil", tmp_path / "PWNED"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "x.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                    "from transformers import PretrainedConfig\n"
+                                    "class EvilConfig(PretrainedConfig):\n    model_type = 'evil_remote'\n")
+    return directory, marker
+
+
+EVIL = {"model_type": "evil_remote", "auto_map": {"AutoConfig": "x.EvilConfig"}, "architectures": ["X"]}
+
+
+@pytest.mark.parametrize("config", [EVIL, {**SMALL.to_dict(), "auto_map": {"AutoModel": "x.Evil"}},
+                                    {**SMALL.to_dict(), "backbone_config": {"model_type": "resnet", "auto_map": {
+                                        "AutoConfig": "x.EvilConfig"}}}],
+                         ids=["unknown-type", "known-type", "nested"])
+def test_a_directory_asking_for_custom_code_is_refused_and_runs_nothing(tmp_path, config):
+    directory, marker = _remote_code_directory(tmp_path, config)
+    with pytest.raises(se_inject.RecipeError, match=r"auto_map asks to run code from the model's files .*se_inject "
+                                                    r"never runs such code \(trust_remote_code is off\)"):
+        from_hf_directory(directory)
+    assert not marker.exists()
+
+
+def test_the_cli_refuses_custom_code_in_one_line_even_when_stdin_says_yes(tmp_path):
+    directory, marker = _remote_code_directory(tmp_path, EVIL)
+    done = subprocess.run([sys.executable, "-m", "se_inject", "sites", str(directory)], input="y\ny\n",
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "COLUMNS": "300"})
+    assert done.returncode == 1, done.stderr
+    assert not marker.exists()
+    assert "Do you wish to run the custom code" not in done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error ") and "config.json.auto_map asks to run code" in lines[0], \
+        done.stderr
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(auto_map={"AutoConfig": "x.C"}), r"source\.config\.auto_map asks to run code"),
+    (lambda c: c.update(use_pretrained_backbone=True), r"source\.config\.use_pretrained_backbone=True would make "
+                                                       r"transformers read a file or download"),
+    (lambda c: c.update(backbone="microsoft/resnet-50"), r"source\.config\.backbone='microsoft/resnet-50' names a "
+                                                         r"backbone that transformers would look up"),
+    (lambda c: c.update(backbone_kwargs={"checkpoint_path": "/etc/hostname"}),
+     r"source\.config\.backbone_kwargs\.checkpoint_path='/etc/hostname' would make transformers read a file"),
+    (lambda c: c.update(model_args={"pretrained_cfg_overlay": {"file": "w.pth"}}),
+     r"source\.config\.model_args\.pretrained_cfg_overlay=.* would make transformers read a file"),
+    (lambda c: c.update(layer_type="~/basic"), r"source\.config\.layer_type='~/basic' names a file or a hub location"),
+], ids=["auto_map", "use_pretrained_backbone", "hub-backbone", "backbone_kwargs", "model_args", "path"])
+def test_a_transformers_recipe_whose_config_asks_for_code_files_or_downloads_is_refused(tmp_path, edit, message):
+    torch.manual_seed(0)
+    result = se_inject.inject(ResNetForImageClassification(SMALL).eval(), example_inputs=X)
+    se_inject.save(result, tmp_path / "se")
+    recipe = json.loads((tmp_path / "se" / "recipe.json").read_text())
+    edit(recipe["source"]["config"])
+    (tmp_path / "se" / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(se_inject.RecipeError, match=message):
+        se_inject.load(tmp_path / "se")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("PreTrainedModel", r"source\.model is 'PreTrainedModel', which is not a concrete transformers model"),
+    ("ResNetPreTrainedModel", r"source\.model is 'ResNetPreTrainedModel', which is not a concrete transformers model"),
+    ("AutoModel", r"source\.model is 'AutoModel', which is not a concrete transformers model"),
+    ("ResNetConfig", r"source\.model is 'ResNetConfig', which is not a concrete transformers model"),
+    ("ConvNextModel", r"source\.model is ConvNextModel, which takes a ConvNextConfig, but the config is a "
+                      r"ResNetConfig \(model_type 'resnet'\)"),
+])
+def test_a_recipe_naming_a_class_that_is_not_a_concrete_model_for_its_config_is_a_recipe_error(tmp_path, name, message):
+    torch.manual_seed(0)
+    se_inject.save(se_inject.inject(ResNetForImageClassification(SMALL).eval(), example_inputs=X), tmp_path / "se")
+    recipe = json.loads((tmp_path / "se" / "recipe.json").read_text())
+    recipe["source"]["model"] = name
+    (tmp_path / "se" / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(se_inject.RecipeError, match=message):
+        se_inject.load(tmp_path / "se")
+
+
+def test_a_transformers_recipe_asking_for_a_huge_model_is_refused_before_allocating(tmp_path):
+    torch.manual_seed(0)
+    se_inject.save(se_inject.inject(ResNetForImageClassification(SMALL).eval(), example_inputs=X), tmp_path / "se")
+    recipe = json.loads((tmp_path / "se" / "recipe.json").read_text())
+    recipe["source"]["config"].update(hidden_sizes=[2_000_000, 2_000_000])
+    (tmp_path / "se" / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(se_inject.RecipeError, match=r"describes a ResNetForImageClassification of [\d,]{17,} "
+                                                    r"parameter and buffer elements, more than the 2,000,000,000 "
+                                                    r"load\(\) builds"):
+        se_inject.load(tmp_path / "se")
+
+
+# -- converted models pickle like the originals (issue 23 row 4) ------------------------------------
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_a_converted_convnext_pickles_and_computes_the_same_after_unpickling(how):
+    """se_inject installs transformers' output-capturing hooks (closures, which pickle cannot save)
+    at apply time; they are kept as CaptureHook objects that pickle, and still record the stages."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1],
+                                                          num_labels=3)).eval()
+    converted = se_inject.apply(model, example_inputs=X[:1])
+    if how == "pickle":
+        again = pickle.loads(pickle.dumps(converted))
+    else:
+        buffer = io.BytesIO()
+        torch.save(converted, buffer)
+        buffer.seek(0)
+        again = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        expected, got = converted(X, output_hidden_states=True), again(X, output_hidden_states=True)
+    assert torch.equal(got.logits, expected.logits)
+    assert len(got.hidden_states) == len(expected.hidden_states) == 5
+    assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states))
+    assert len(model(X, output_hidden_states=True).hidden_states) == 5  # the original's stages, all kept
+    assert type(again) is ConvNextForImageClassification

@@ -9,7 +9,7 @@ import torch
 
 import se_inject
 from se_inject import CheckpointError, RecipeError, UnknownModelError
-from se_inject.recipe import RECIPE_FILE, WEIGHTS_FILE, _sha256
+from se_inject.recipe import RECIPE_FILE, WEIGHTS_FILE, _sha256, read_recipe
 
 X64 = torch.randn(2, 3, 64, 64)
 
@@ -164,3 +164,315 @@ def test_checkpoints_are_read_without_pickle(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit ResNet: missing tensors \['layer1.0.bn3.bias'.*"
                        r"wrong shape \['layer1.0.conv1.weight: \(64, 64, 3, 3\) vs \(64, 64, 1, 1\)'"):
         se_inject.load_checkpoint(timm.create_model("resnet50"), tmp_path / "wrapped.pth")
+
+
+# -- save checks what the rebuilt model computes (issue 22 row 9) ------------------------------------
+
+def _tiny(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=5, **kwargs)
+    return se_inject.inject(model, example_inputs=torch.randn(1, 3, 64, 64), identity_init=True)
+
+
+@pytest.mark.parametrize("kwargs", [{"act_layer": "silu"}, {"global_pool": "max"}, {"output_stride": 16}],
+                         ids=["act_layer", "global_pool", "output_stride"])
+def test_save_refuses_kwargs_that_change_the_computation_but_no_tensor(tmp_path, kwargs):
+    """The kwarg is left out of model_kwargs: the rebuilt model has the same tensors, but not the
+    same outputs. save names the missing kwarg and writes nothing; with it, the round trip is exact."""
+    result = _tiny(**kwargs)
+    (name, value), = kwargs.items()
+    with pytest.raises(RecipeError, match=rf"computes something else \(max \|difference\| .*probably lack "
+                                          rf"\{{'{name}': {value!r}\}}"):
+        se_inject.save(result, tmp_path / "out", model_name="test_resnet", model_kwargs={"num_classes": 5})
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    se_inject.save(result, tmp_path / "out", model_name="test_resnet", model_kwargs={"num_classes": 5, **kwargs})
+    with torch.no_grad():
+        assert torch.equal(se_inject.load(tmp_path / "out")(X64), result.model.eval()(X64))
+
+
+def test_the_refusal_names_the_modules_that_differ_when_timm_recorded_no_kwargs(tmp_path):
+    result = _tiny(act_layer="silu")
+    del result.model._model_args  # a model timm did not build, or an older timm
+    with pytest.raises(RecipeError, match=r"12 modules differ, e\.g\. conv1\.2 is SiLU\(inplace=True\), rebuilt as "
+                                          r"ReLU\(inplace=True\)"):
+        se_inject.save(result, tmp_path / "out", model_name="test_resnet", model_kwargs={"num_classes": 5})
+
+
+def test_the_output_check_leaves_the_model_its_mode_hooks_and_weights(tmp_path):
+    result = _tiny()
+    model = result.model.train()
+    calls = []
+    model.fc.register_forward_hook(lambda *args: calls.append(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    se_inject.save(result, tmp_path / "out", model_name="test_resnet", model_kwargs={"num_classes": 5})
+    assert calls == [] and model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model(torch.randn(2, 3, 32, 32))
+    assert calls == [1]
+
+
+def test_save_refuses_a_model_of_mixed_floating_dtypes(tmp_path):
+    result = _tiny()
+    result.model.fc.half()
+    with pytest.raises(RecipeError, match=r"mixes floating dtypes \(2 tensors are not float32, e\.g\. "
+                                          r"\['fc\.weight: float16', 'fc\.bias: float16'\]\).*"
+                                          r"model\.to\(torch\.float32\)"):
+        se_inject.save(result, tmp_path / "out", model_name="test_resnet", model_kwargs={"num_classes": 5})
+    assert not (tmp_path / "out").exists()
+
+
+# -- an overwrite replaces the directory as a whole (issue 22 row 10) --------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import stat  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import se_inject.recipe as recipe_module  # noqa: E402
+
+try:
+    from se_inject import atomic_dir
+except ImportError:  # before se_inject wrote a new directory and swapped it in
+    atomic_dir = None
+
+# Every call save makes that writes, renames or creates something.
+STEPS = [(os, "rename"), (os, "replace"), (os, "mkdir"), (shutil, "copymode"), (safetensors.torch, "save_model"),
+         (Path, "write_text"), (atomic_dir, "_exchange")]
+
+
+class Faults:
+    """Counts the calls of STEPS and makes the ``fail_at``-th one raise (0: none fails)."""
+
+    def __init__(self, monkeypatch, fail_at=0):
+        self.calls, self.fail_at = [], fail_at
+        for owner, name in STEPS:
+            if owner is not None and hasattr(owner, name):
+                monkeypatch.setattr(owner, name, self.wrap(name, getattr(owner, name)))
+
+    def wrap(self, name, real):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            if len(self.calls) == self.fail_at:
+                raise OSError(5, f"injected failure in {name}")
+            return real(*args, **kwargs)
+        return call
+
+
+def _weights_of(directory):
+    return safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_a_failure_at_any_step_of_an_overwrite_leaves_the_previous_save_whole(tmp_path, monkeypatch, exchange):
+    """Each step of the write fails in turn (a full disk, a crash): the previous save still loads
+    with its own weights, and no temporary directory is left beside it. Without a failure, the new
+    save is in place. With and without the one-step directory exchange."""
+    first, second = _tiny(seed=0), _tiny(seed=1)
+    pristine = tmp_path / "pristine"
+    se_inject.save(first, pristine, model_name="test_resnet", model_kwargs={"num_classes": 5})
+    old = _weights_of(pristine)
+    out = tmp_path / "saved"
+    monkeypatch.setattr(recipe_module, "_check_rebuilds", lambda result, recipe: None)  # tested above; quick tries
+    if not exchange:
+        monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: False)
+
+    def overwrite():
+        se_inject.save(second, out, model_name="test_resnet", model_kwargs={"num_classes": 5}, overwrite=True)
+
+    with monkeypatch.context() as m:
+        copy_dir(pristine, out)
+        faults = Faults(m)
+        overwrite()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pristine", "saved"]
+    assert torch.equal(se_inject.load(out).fc.weight, second.model.fc.weight)
+
+    new = {k: v.clone() for k, v in second.model.state_dict().items()}
+    failed = []
+    for step in range(1, len(faults.calls) + 1):
+        shutil.rmtree(out)
+        copy_dir(pristine, out)
+        with monkeypatch.context() as m:
+            Faults(m, fail_at=step)
+            try:
+                overwrite()
+            except OSError as e:
+                assert str(e) == f"[Errno 5] injected failure in {faults.calls[step - 1]}"
+                failed.append(faults.calls[step - 1])
+                expected = old
+            else:  # Path.mkdir(exist_ok=True) of the parent takes an OSError for "it exists"
+                assert faults.calls[step - 1] == "mkdir"
+                expected = new
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pristine", "saved"], step
+        assert sorted(p.name for p in out.iterdir()) == sorted([RECIPE_FILE, WEIGHTS_FILE]), step
+        loaded = se_inject.load(out).state_dict()
+        assert all(torch.equal(loaded[k], expected[k]) for k in old), (step, faults.calls[step - 1])
+    assert failed == faults.calls[1:], failed  # every step after the parent's mkdir fails the write
+    assert ("_exchange" in faults.calls) and (("rename" in faults.calls) != exchange), faults.calls
+
+
+def test_an_overwrite_through_save_fails_whole_and_then_succeeds_whole(tmp_path, monkeypatch):
+    out = tmp_path / "saved"
+    first, second = _tiny(seed=0), _tiny(seed=1)
+    se_inject.save(first, out, model_name="test_resnet", model_kwargs={"num_classes": 5})
+    with monkeypatch.context() as m:
+        Faults(m, fail_at=4)  # mkdir (parent), mkdir (new), save_model, write_text: the recipe
+        with pytest.raises(OSError, match="injected failure in write_text"):
+            se_inject.save(second, out, model_name="test_resnet", model_kwargs={"num_classes": 5}, overwrite=True)
+    assert torch.equal(se_inject.load(out).fc.weight, first.model.fc.weight)
+    se_inject.save(second, out, model_name="test_resnet", model_kwargs={"num_classes": 5}, overwrite=True)
+    assert torch.equal(se_inject.load(out).fc.weight, second.model.fc.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_a_saved_directory_has_the_usual_permissions_and_an_overwrite_keeps_them(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "saved"
+    se_inject.save(_tiny(), out, model_name="test_resnet", model_kwargs={"num_classes": 5})
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    out.chmod(0o750)
+    se_inject.save(_tiny(seed=1), out, model_name="test_resnet", model_kwargs={"num_classes": 5}, overwrite=True)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+
+
+def test_an_overwrite_refuses_a_directory_holding_other_files(tmp_path):
+    out = tmp_path / "saved"
+    first = _tiny()
+    se_inject.save(first, out, model_name="test_resnet", model_kwargs={"num_classes": 5})
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match=r"holds other files besides a saved model \(\['notes.txt'\]\)"):
+        se_inject.save(_tiny(seed=1), out, model_name="test_resnet", model_kwargs={"num_classes": 5}, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert torch.equal(se_inject.load(out).fc.weight, first.model.fc.weight)
+
+
+def test_a_first_save_into_a_directory_of_other_files_keeps_them(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    se_inject.save(_tiny(), tmp_path, model_name="test_resnet", model_kwargs={"num_classes": 5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "notes.txt", "recipe.json"]
+    se_inject.load(tmp_path)
+
+
+# -- a recipe names a model and its options, nothing else (issue 23 rows 2 and 3) -------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint_path": "/etc/hostname"}, r"source\.kwargs\.checkpoint_path='/etc/hostname' would make timm read a "
+                                           r"file or download"),
+    ({"pretrained": True}, r"source\.kwargs\.pretrained=True would make timm read a file or download"),
+    ({"pretrained_cfg": "a1_in1k"}, r"source\.kwargs\.pretrained_cfg='a1_in1k' would make timm read"),
+    ({"pretrained_cfg_overlay": {"file": "/tmp/w.pth"}}, r"source\.kwargs\.pretrained_cfg_overlay=.* would make timm"),
+    ({"cache_dir": "hub"}, r"source\.kwargs\.cache_dir='hub' would make timm read"),
+    ({"block_args": {"attn_layer": "se"}}, r"source\.kwargs\.block_args is a dict: timm kwargs are recorded only as "
+                                           r"numbers, strings, booleans, null and lists of them"),
+    ({"act_layer": "../../x"}, r"source\.kwargs\.act_layer='\.\./\.\./x' names a file or a hub location"),
+    ({"img_size": [64, "hf-hub:x"]}, r"source\.kwargs\.img_size=\[64, 'hf-hub:x'\] names a file or a hub location"),
+], ids=["checkpoint_path", "pretrained", "pretrained_cfg", "overlay", "cache_dir", "object", "path", "scheme"])
+def test_a_recipe_whose_kwargs_read_files_or_download_is_refused_before_anything_is_read(
+        saved, tmp_path, monkeypatch, kwargs, message):
+    directory = copy_dir(saved[0], tmp_path / "copy")
+    edit_recipe(directory, source={"library": "timm", "model": "resnet18", "kwargs": {"num_classes": 10, **kwargs}})
+    read = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: read.append(a) or {})
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: read.append(a))
+    with pytest.raises(RecipeError, match=message):
+        se_inject.load(directory)
+    with pytest.raises(RecipeError, match=message):
+        read_recipe(directory)
+    assert read == []
+
+
+def test_a_model_name_naming_a_hub_or_a_directory_is_refused(saved, tmp_path):
+    directory = copy_dir(saved[0], tmp_path / "copy")
+    for name in ("hf-hub:timm/resnet18.a1_in1k", "local-dir:/tmp/model"):
+        edit_recipe(directory, source={"library": "timm", "model": name, "kwargs": {}})
+        with pytest.raises(RecipeError, match=r"source\.model=.* names a hub or file location"):
+            se_inject.load(directory)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint_path": "w.pth"}, r"cannot record this source: model\.kwargs\.checkpoint_path='w\.pth' would make "
+                                   r"timm read a file"),
+    ({"block_args": {"attn_layer": "se"}}, r"model\.kwargs\.block_args is a dict"),
+])
+def test_save_never_writes_kwargs_load_would_refuse(tmp_path, kwargs, message):
+    with pytest.raises(RecipeError, match=message):
+        se_inject.save(_tiny(), tmp_path / "out", model_name="test_resnet", model_kwargs=kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_refuses_a_recipe_dtype_other_than_the_weights(saved, tmp_path):
+    directory = copy_dir(saved[0], tmp_path / "copy")
+    edit_recipe(directory, dtype="float16")
+    with pytest.raises(RecipeError, match=r"recipe\.json records dtype 'float16' but the weights in model\.safetensors "
+                                          r"hold float32 tensors"):
+        se_inject.load(directory)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({"fc.bias": torch.arange(10)}), r"tensors of the wrong dtype \['fc\.bias: int64 vs float32'\]"),
+    (lambda t: t.update({"fc.bias": t["fc.bias"].half()}), r"records dtype 'float32' but the weights .* hold float16 "
+                                                             r"and float32 tensors"),
+    (lambda t: t.update({"bn1.num_batches_tracked": torch.tensor(3.0)}),
+     r"records dtype 'float32'.*|wrong dtype \['bn1\.num_batches_tracked: float32 vs int64'\]"),
+    (lambda t: t.update({"bn1.num_batches_tracked": torch.tensor(3, dtype=torch.int32)}),
+     r"tensors of the wrong dtype \['bn1\.num_batches_tracked: int32 vs int64'\]"),
+], ids=["int64-for-float", "one-half-tensor", "float-for-int", "int32-for-int64"])
+def test_load_refuses_tensors_of_another_dtype_than_the_model(saved, tmp_path, edit, message):
+    directory = copy_dir(saved[0], tmp_path / "copy")
+    rewrite_weights(directory, edit)
+    with pytest.raises(RecipeError, match=message):
+        se_inject.load(directory)
+
+
+def test_load_bounds_the_model_size_before_allocating_it(saved, tmp_path, monkeypatch):
+    """num_classes edited to 10**9 asks for a 512-billion-parameter classifier: refused from the
+    meta-device count, before anything is allocated; a caller can lower or lift the bound."""
+    directory = copy_dir(saved[0], tmp_path / "copy")
+    assert sum(p.numel() for p in se_inject.load(directory, max_parameters=20_000_000).parameters()) > 11_000_000
+    # resnet18 with 10 classes: 11,181,642 parameters and 9,620 elements of BatchNorm buffers, before SE
+    with pytest.raises(RecipeError, match=r"describes a resnet18 of 11,191,262 parameter and buffer elements, "
+                                          r"more than the 1,000,000 load\(\) builds \(max_parameters\); pass "
+                                          r"max_parameters=11191262 if you trust this recipe"):
+        se_inject.load(directory, max_parameters=1_000_000)
+    edit_recipe(directory, source={"library": "timm", "model": "resnet18", "kwargs": {"num_classes": 10 ** 9}})
+    real_empty = torch.empty
+    allocated = []
+
+    def empty(*size, **kwargs):  # what nn.Linear allocates its weight with
+        t = real_empty(*size, **kwargs)
+        if not t.is_meta:
+            allocated.append(t.numel())
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    # 11,176,512 + 9,620 elements without the classifier, 512 * 10**9 + 10**9 with it
+    with pytest.raises(RecipeError, match=rf"describes a resnet18 of 513,011,186,132 parameter and buffer elements, "
+                                          rf"more than the {se_inject.recipe.MAX_PARAMETERS:,}"):
+        se_inject.load(directory)
+    assert max(allocated, default=0) < 10 ** 8
+    with pytest.raises(se_inject.OptionError, match="max_parameters must be a positive integer or None"):
+        se_inject.load(directory, max_parameters=True)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"format_version": True}, r"format_version must be a positive integer, got True"),
+    ({"format_version": "1"}, r"format_version must be a positive integer, got '1'"),
+    ({"format_version": 0}, r"format_version must be a positive integer, got 0"),
+    ({"weights": {"file": WEIGHTS_FILE, "sha256": "x" * 64}}, r"weights\.sha256 must be 64 hex digits"),
+    ({"weights": {"file": WEIGHTS_FILE, "sha256": "0" * 64, "url": "https://x"}}, r"a file and its sha256, only"),
+    ({"versions": {"timm": 1}}, r"versions must map library names to version strings"),
+    ({"options": []}, r"options is missing"),
+    ({"options": {"reduction": "16"}}, r"invalid options.*reduction"),
+    ({"dtype": 32}, r"dtype 32 is not a floating torch dtype"),
+    ({"script": "import os"}, r"it has fields se_inject does not write: \['script'\]"),
+    ({"source": {"library": "timm", "model": "resnet18", "kwargs": {}, "config": {}}},
+     r"source has fields se_inject does not write: \['config'\]"),
+], ids=["version-bool", "version-str", "version-0", "sha-not-hex", "weights-extra", "versions", "options-list",
+        "option-type", "dtype-int", "unknown-field", "source-field"])
+def test_every_recipe_field_is_checked_for_its_type(saved, tmp_path, changes, message):
+    directory = copy_dir(saved[0], tmp_path / "copy")
+    edit_recipe(directory, **changes)
+    with pytest.raises(RecipeError, match=message):
+        read_recipe(directory)
+    with pytest.raises(RecipeError, match=message):
+        se_inject.load(directory)
