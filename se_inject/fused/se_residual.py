@@ -30,28 +30,56 @@ from .mlp import ACTS, GATES, check_names, mlp_backward, mlp_forward
 from .scale import scale
 from .squeeze import squeeze
 
-__all__ = ["se_residual", "se_residual_op", "se_residual_reference", "supports"]
+__all__ = ["se_residual", "se_residual_op", "se_residual_reference", "supports", "use_fused"]
+
+
+def use_fused(kernels: str, x: Tensor, shortcut: Optional[Tensor], act: Optional[str],
+              gate: Optional[str], out_act: str) -> bool:
+    """Whether an SE tail runs the Triton kernels: the one place that decides, for SEBlock
+    (``kernels`` as set on the block), for :func:`supports` and inside the op (both ``"fused"``).
+
+    ================  ==================  =========================================
+    ``kernels``       under torch.compile  Triton kernels when
+    ================  ==================  =========================================
+    ``"plain"``       either              never (plain torch ops)
+    ``"auto"``        no                  the names and tensors are supported
+    ``"auto"``        yes                 never: inductor fuses the plain ops itself
+    ``"fused"``       either              the names and tensors are supported
+    ================  ==================  =========================================
+
+    Supported names: ``act`` in ``ACTS``, ``gate`` in ``GATES``, ``out_act`` in ``OUT_ACTS``
+    (None, a layer class without a name, is not). Supported tensors:
+    :func:`~se_inject.fused._common.tensors_supported`, which includes the GPU's capability
+    (Triton's minimum, and bf16 only from Ampere on). Any other ``kernels`` string is "plain";
+    callers validate it once, when it is set.
+    """
+    if kernels != "fused" and (kernels != "auto" or torch.compiler.is_compiling()):
+        return False
+    if act not in ACTS or gate not in GATES or out_act not in OUT_ACTS:
+        return False
+    return tensors_supported(x, shortcut)
 
 
 @register_op("se_inject::se_residual")
 def se_residual_op(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
                    fc2_weight: Tensor, fc2_bias: Tensor, gain: Optional[Tensor], act: str,
-                   gate: str, out_act: str) -> tuple[Tensor, Tensor]:
+                   gate: str, out_act: str, in_place: bool = False) -> tuple[Tensor, Tensor]:
     """``(out, s)``: the SE residual tail and the fp32 squeeze means (saved for backward).
 
     Triton on CUDA tensors (fp32/bf16/fp16), the same maths in torch ops elsewhere; the choice is
-    made once per call by :func:`~se_inject.fused._common.tensors_supported`.
+    made once per call by :func:`use_fused`. ``in_place``: the add was ``x += shortcut``, so out
+    keeps x's dtype (stored so by the kernel, not cast afterwards).
     """
     check_names(act, gate)
     check_out_act(out_act)
-    use_triton = tensors_supported(x, shortcut)
+    use_triton = use_fused("fused", x, shortcut, act, gate, out_act)
     s = squeeze(x, use_triton)
     g = mlp_forward(s, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate).g
-    return scale(x, g, shortcut, out_act, use_triton), s
+    return scale(x, g, shortcut, out_act, use_triton, in_place), s
 
 
 def _setup(ctx, inputs: tuple, output: tuple) -> None:
-    x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate, out_act = inputs
+    x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate, out_act, _ = inputs
     out, s = output
     ctx.names = (act, gate, out_act)
     ctx.sc_dtype = shortcut.dtype if shortcut is not None else None
@@ -71,7 +99,7 @@ def _backward(ctx, grad_out: Tensor, grad_s: Optional[Tensor]) -> tuple:
     dx = input_grad(dz, x, state.g, ds) if ctx.needs_input_grad[0] else None
     dsc = dz.to(ctx.sc_dtype) if ctx.needs_input_grad[1] else None
     return (dx, dsc, grads.fc1_weight, grads.fc1_bias, grads.fc2_weight, grads.fc2_bias,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 se_residual_op.register_autograd(_backward, setup_context=_setup)
@@ -101,7 +129,8 @@ def _check_shapes(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1
 
 def se_residual(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
                 fc2_weight: Tensor, fc2_bias: Tensor, gain: Optional[Tensor] = None,
-                act: str = "relu", gate: str = "sigmoid", out_act: str = "none") -> Tensor:
+                act: str = "relu", gate: str = "sigmoid", out_act: str = "none",
+                in_place: bool = False) -> Tensor:
     """``out_act(SE(x) + shortcut)`` by the fused op ``se_inject::se_residual``.
 
     Args:
@@ -111,9 +140,11 @@ def se_residual(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_b
             (hidden, C, 1...), (hidden,), (C, hidden, 1...), (C,).
         gain: a 0-dim tensor the gate is multiplied by, or ``None`` for 1.
         act, gate, out_act: names from ``ACTS``, ``GATES`` and ``OUT_ACTS``.
+        in_place: the add was written ``x += shortcut``: the result keeps x's dtype.
 
     Returns:
-        A tensor like x in x's layout, of dtype ``promote_types(x.dtype, shortcut.dtype)``.
+        A tensor like x in x's layout, of dtype ``promote_types(x.dtype, shortcut.dtype)`` (x's
+        dtype when ``in_place``).
 
     Raises:
         ValueError: a name is unknown or a shape does not fit; the message names the argument.
@@ -129,20 +160,20 @@ def se_residual(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_b
     check_out_act(out_act)
     _check_shapes(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain)
     out, _ = se_residual_op(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act,
-                            gate, out_act)
+                            gate, out_act, in_place)
     return out
 
 
 def supports(x: Tensor, shortcut: Optional[Tensor], act: str, gate: str, out_act: str) -> bool:
-    """Whether :func:`se_residual` runs its Triton kernels for these arguments.
+    """Whether :func:`se_residual` runs its Triton kernels for these arguments:
+    ``use_fused("fused", ...)``.
 
-    Triton importable; x a CUDA tensor (a CPU tensor when the kernels are interpreted, for tests)
-    with 3 to 5 dims in fp32/bf16/fp16; the shortcut likewise; supported names. When it is false,
-    :func:`se_residual` still works (in torch ops) as long as the names are valid.
+    Triton importable; x a CUDA tensor on a GPU Triton supports for x's dtype (a CPU tensor when
+    the kernels are interpreted, for tests) with 3 to 5 dims in fp32/bf16/fp16; the shortcut
+    likewise; supported names. When it is false, :func:`se_residual` still works (in torch ops)
+    as long as the names are valid.
     """
-    if act not in ACTS or gate not in GATES or out_act not in OUT_ACTS:
-        return False
-    return tensors_supported(x, shortcut)
+    return use_fused("fused", x, shortcut, act, gate, out_act)
 
 
 _OUT_ACT_FNS = {"none": lambda z: z, "relu": F.relu, "silu": F.silu}
@@ -151,7 +182,7 @@ _OUT_ACT_FNS = {"none": lambda z: z, "relu": F.relu, "silu": F.silu}
 def se_residual_reference(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor,
                           fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
                           gain: Optional[Tensor] = None, act: str = "relu", gate: str = "sigmoid",
-                          out_act: str = "none") -> Tensor:
+                          out_act: str = "none", in_place: bool = False) -> Tensor:
     """The same maths as :func:`se_residual` in plain, autograd-differentiable torch ops, written
     as today's ``SEBlock.forward`` (mean, F.linear on the flattened weights, act, F.linear, gate,
     ``* gain``), then ``x * g`` and ``+ shortcut`` and ``out_act``: the CPU path and the oracle."""
@@ -167,4 +198,5 @@ def se_residual_reference(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Ten
     z = x * g.view(g.shape + (1,) * (x.dim() - 2))
     if shortcut is not None:
         z = z + shortcut
+        z = z.to(x.dtype) if in_place else z  # `x += shortcut` keeps x's dtype
     return _OUT_ACT_FNS[out_act](z)
