@@ -149,14 +149,24 @@ def _interpret_worker(path: str) -> None:
         out_shape_dtype = scale.out_dtype(inputs["x"], inputs["shortcut"], case.in_place)
         grad_out = torch.randn(case.shape, dtype=out_shape_dtype) if case.grad == "randn" else None
         out, grads = run_with_grads(fused.se_residual, case, inputs, grad_out)
+        seen = dict(launches)
+        op_out, op_grads = run_with_grads(_through_the_op, case, inputs, grad_out)
         results[case.name] = {
             "supports": fused.supports(inputs["x"], inputs["shortcut"], case.act, case.gate,
                                        case.out_act),
             "inputs": inputs, "grad_out": grad_out, "out": out, "grads": grads,
-            "launches": dict(launches),
+            "launches": seen, "op_out": op_out, "op_grads": op_grads,
         }
     results["launchers"] = _interpret_launchers()
     torch.save(results, path)
+
+
+def _through_the_op(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate,
+                    out_act, in_place):
+    """``torch.ops.se_inject.se_residual`` itself, with its registered autograd: the path every
+    tracer sees (eager calls of ``se_residual`` skip the dispatcher)."""
+    return se_residual_op(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate,
+                          out_act, in_place)[0]
 
 
 def _record_launches() -> dict:
@@ -228,6 +238,10 @@ def test_interpreted_triton_matches_reference(interpreted, case):
     if case.layout in ("contiguous", "channels_last"):
         assert out.stride() == inputs["x"].stride()
         assert rec["grads"]["x"].stride() == inputs["x"].stride()
+    # the registered op (what compile and export run) computes exactly what the eager path does
+    torch.testing.assert_close(rec["op_out"], out, rtol=0, atol=0)
+    for name, grad in rec["grads"].items():
+        torch.testing.assert_close(rec["op_grads"][name], grad, rtol=0, atol=0, msg=name)
     if case.name.startswith(("nchw-7x7", "nchw-14x14", "inplace-bf16")):
         # the NCHW paths ran: flat elementwise kernels, aligned windows in the reductions
         vec = 16 // inputs["x"].element_size()
@@ -281,15 +295,18 @@ GRADCHECK = [("relu", "sigmoid", "relu", True), ("silu", "hard_sigmoid", "silu",
 
 
 @pytest.mark.parametrize("act,gate,out_act,with_sc", GRADCHECK)
-def test_gradcheck_float64(act, gate, out_act, with_sc):
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_gradcheck_float64(act, gate, out_act, with_sc, path):
+    """Both ways in: the eager autograd Function and the registered op's autograd formula."""
     case = Case("gc", (2, 4, 3, 3), dtype=torch.float64,
                 sc_dtype=torch.float64 if with_sc else None)
     inputs = {k: (v.double() if v is not None else None) for k, v in make_inputs(case).items()}
     names = [k for k in PARAMS if inputs[k] is not None]
+    call = fused.se_residual if path == "eager" else _through_the_op
 
     def fn(*tensors):
         kw = {**inputs, **dict(zip(names, tensors))}
-        return fused.se_residual(**kw, act=act, gate=gate, out_act=out_act)
+        return call(**kw, act=act, gate=gate, out_act=out_act, in_place=False)
 
     leaves = [inputs[k].clone().requires_grad_() for k in names]
     assert torch.autograd.gradcheck(fn, leaves)
@@ -305,6 +322,28 @@ def test_gradcheck_float64_squeeze_and_scale_ops():
     for out_act in ("none", "relu", "silu"):
         assert torch.autograd.gradcheck(
             lambda a, b, c: scale.scale_residual_act(a, b, c, out_act), (x, g, sc))
+
+
+def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op(monkeypatch):
+    """A plain eager call runs the op's body without the custom-op layers; under a
+    torch-function mode, a dispatch mode (fake tensors, make_fx, export) the op itself runs."""
+    import importlib
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    module = importlib.import_module("se_inject.fused.se_residual")
+    calls, real = [], module.se_residual_op
+    monkeypatch.setattr(module, "se_residual_op", lambda *args: calls.append(1) or real(*args))
+    inputs = make_inputs(CASES[0])
+    names = {"act": "relu", "gate": "sigmoid", "out_act": "relu"}
+    want = fused.se_residual(**inputs, **names)
+    assert calls == []
+    with torch.device("cpu"):
+        torch.testing.assert_close(fused.se_residual(**inputs, **names), want, rtol=0, atol=0)
+    assert calls == [1]
+    gm = make_fx(lambda x, sc: fused.se_residual(x, sc, *list(inputs.values())[2:], **names))(
+        inputs["x"], inputs["shortcut"])
+    assert calls == [1, 1] and SE_OP in _targets(gm)
 
 
 def test_second_output_is_the_squeeze_and_its_gradient_flows():

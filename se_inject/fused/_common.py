@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ._plan import cached_plan
+
 try:
     import triton
     import triton.language as tl
@@ -112,7 +114,12 @@ def _is_real(t: torch.Tensor) -> bool:
 
 def _fits_int32(t: torch.Tensor) -> bool:
     # Kernels offset by n in int64 and within one sample in int32.
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    return _sample_fits_int32(tuple(t.shape), t.stride())
+
+
+@cached_plan
+def _sample_fits_int32(shape: tuple, strides: tuple) -> bool:
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(shape[1:], strides[1:]))
     return extent < 2**31
 
 

@@ -17,7 +17,7 @@ without guards, and the integers passed to the kernels stay symbolic.
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -81,8 +81,7 @@ def cached_plan(fn: Callable) -> Callable:
     return plan
 
 
-@dataclass(frozen=True)
-class NCS:
+class NCS(NamedTuple):
     """A tensor seen as (N, C, S): the tensor to pass to a kernel and its three strides."""
 
     tensor: torch.Tensor

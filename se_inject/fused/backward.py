@@ -26,8 +26,8 @@ from ._common import (
 )
 from ._plan import as_fp32, empty_ncs, ncs, pointwise_plan, reduction_grid
 
-__all__ = ["gate_grad", "gate_grad_launch", "gate_grad_reference", "input_grad",
-           "input_grad_launch", "input_grad_reference"]
+__all__ = ["gate_grad", "compute_gate_grad", "gate_grad_launch", "gate_grad_reference", "input_grad",
+           "compute_input_grad", "input_grad_launch", "input_grad_reference"]
 
 
 @triton.jit
@@ -133,24 +133,31 @@ def input_grad_launch(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) ->
     return dx
 
 
-@register_op("se_inject::scale_residual_act_grad_gate")
-def gate_grad(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], out: Optional[Tensor],
-              g: Tensor, out_act: str) -> tuple[Tensor, Tensor]:
+def compute_gate_grad(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], out: Optional[Tensor],
+                      g: Tensor, out_act: str) -> tuple[Tensor, Tensor]:
     """K1: ``(dg, dz)`` with dg = sum over positions of dz * x, fp32 (N, C); dz = dL/dz, like
     x in grad_out's dtype, or empty when ``out_act`` is ``"none"`` (dz is then grad_out).
-    ``out`` is needed for relu, ``shortcut`` (if any) for silu. No double backward."""
+    ``out`` is needed for relu, ``shortcut`` (if any) for silu. Triton where the tensors allow,
+    :func:`gate_grad_reference` elsewhere; the body of the op :data:`gate_grad`, which the
+    backward formulas call directly (under tracing its kernels are recorded all the same)."""
     if tensors_supported(x, shortcut) and tensors_supported(grad_out, out):
         return gate_grad_launch(grad_out, x, shortcut, out, g, out_act)
     return gate_grad_reference(grad_out, x, shortcut, out, g, out_act)
 
 
-@register_op("se_inject::scale_residual_act_grad_input")
-def input_grad(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
+def compute_input_grad(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
     """K2: ``dx = dz * g[n, c] + ds[n, c] / S`` in x's dtype and layout (x's values are not
-    read). No double backward."""
+    read); the body of the op :data:`input_grad`."""
     if tensors_supported(x, dz):
         return input_grad_launch(dz, x, g, ds)
     return input_grad_reference(dz, x, g, ds)
+
+
+#: ``se_inject::scale_residual_act_grad_gate``, :func:`compute_gate_grad` as an op. No double
+#: backward.
+gate_grad = register_op("se_inject::scale_residual_act_grad_gate")(compute_gate_grad)
+#: ``se_inject::scale_residual_act_grad_input``, :func:`compute_input_grad` as an op.
+input_grad = register_op("se_inject::scale_residual_act_grad_input")(compute_input_grad)
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:

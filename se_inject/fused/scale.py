@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._common import at, check_out_act, launch, pointwise_ids, register_op, tensors_supported, tl, triton
 from ._plan import as_fp32, empty_ncs, ncs, pointwise_plan
-from .backward import gate_grad, input_grad
+from .backward import compute_gate_grad, compute_input_grad
 
 __all__ = ["scale", "scale_launch", "scale_residual_act", "scale_residual_act_reference",
            "out_dtype"]
@@ -94,9 +94,9 @@ def _scale_setup(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _scale_backward(ctx, grad: Tensor) -> tuple:
     x, g, shortcut, out = ctx.saved_tensors
-    dg, dz = gate_grad(grad, x, shortcut, out, g, ctx.out_act)
+    dg, dz = compute_gate_grad(grad, x, shortcut, out, g, ctx.out_act)
     dz = grad if ctx.out_act == "none" else dz
-    dx = input_grad(dz, x, g, None) if ctx.needs_input_grad[0] else None
+    dx = compute_input_grad(dz, x, g, None) if ctx.needs_input_grad[0] else None
     dsc = dz.to(ctx.sc_dtype) if ctx.needs_input_grad[2] else None
     return dx, dg.to(ctx.g_dtype), dsc, None
 

@@ -18,15 +18,15 @@ fp32 for a shortcut), computes in fp32 and stores ``promote_types(x.dtype, short
 the eager ``x * g + shortcut`` would; the MLP runs in fp32 with autocast switched off inside.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from ._common import OUT_ACTS, check_out_act, register_op, tensors_supported
-from .backward import gate_grad, input_grad
-from .mlp import ACTS, GATES, check_names, mlp_backward, mlp_forward
+from .backward import compute_gate_grad, compute_input_grad
+from .mlp import ACTS, GATES, MLPState, check_names, mlp_backward, mlp_forward
 from .scale import scale
 from .squeeze import squeeze
 
@@ -72,10 +72,19 @@ def se_residual_op(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc
     """
     check_names(act, gate)
     check_out_act(out_act)
+    out, s, _ = _forward(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate,
+                         out_act, in_place)
+    return out, s
+
+
+def _forward(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
+             fc2_weight: Tensor, fc2_bias: Tensor, gain: Optional[Tensor], act: str, gate: str,
+             out_act: str, in_place: bool) -> tuple[Tensor, Tensor, MLPState]:
+    """``(out, s, the MLP's state)``: the op's maths, without its argument checks."""
     use_triton = use_fused("fused", x, shortcut, act, gate, out_act)
     s = squeeze(x, use_triton)
-    g = mlp_forward(s, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate).g
-    return scale(x, g, shortcut, out_act, use_triton, in_place), s
+    state = mlp_forward(s, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate)
+    return scale(x, state.g, shortcut, out_act, use_triton, in_place), s, state
 
 
 def _setup(ctx, inputs: tuple, output: tuple) -> None:
@@ -91,18 +100,49 @@ def _backward(ctx, grad_out: Tensor, grad_s: Optional[Tensor]) -> tuple:
     x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, out, s = ctx.saved_tensors
     act, gate, out_act = ctx.names
     weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    state = mlp_forward(s, *weights, gain, act, gate)
-    dg, dz = gate_grad(grad_out, x, shortcut, out, state.g, out_act)
+    # the op recomputes the tiny MLP from s (its setup sees only inputs and outputs); the eager
+    # Function kept it
+    state = getattr(ctx, "mlp_state", None) or mlp_forward(s, *weights, gain, act, gate)
+    dg, dz = compute_gate_grad(grad_out, x, shortcut, out, state.g, out_act)
     dz = grad_out if out_act == "none" else dz
     grads = mlp_backward(dg, state, *weights, gain, act, gate)
     ds = grads.s if grad_s is None else grads.s + grad_s
-    dx = input_grad(dz, x, state.g, ds) if ctx.needs_input_grad[0] else None
+    dx = compute_input_grad(dz, x, state.g, ds) if ctx.needs_input_grad[0] else None
     dsc = dz.to(ctx.sc_dtype) if ctx.needs_input_grad[1] else None
     return (dx, dsc, grads.fc1_weight, grads.fc1_bias, grads.fc2_weight, grads.fc2_bias,
             None, None, None, None, None)
 
 
 se_residual_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _SEResidualFunction(torch.autograd.Function):
+    """The op's forward, setup and backward as a plain autograd Function, for :func:`_eager`
+    calls: the same functions, without the dispatcher's custom-op and autograd layers (in eager
+    mode those cost more host time than the rest of the call, at batch 1 the whole latency)."""
+
+    @staticmethod
+    def forward(ctx, *inputs: Any) -> tuple[Tensor, Tensor]:
+        out, s, ctx.mlp_state = _forward(*inputs)
+        _setup(ctx, inputs, (out, s))
+        return out, s
+
+    backward = staticmethod(_backward)
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether this call is plain eager PyTorch, where the op's body can run without the
+    dispatcher with the same result: nothing traces, compiles or exports (no dispatch or
+    torch-function mode, no functorch transform, no jit trace), and every tensor is a plain
+    tensor or parameter (not fake, functional, or another subclass). Otherwise the call goes
+    through ``torch.ops.se_inject.se_residual``, which every tracer sees as one op."""
+    if torch.compiler.is_compiling() or not all(t is None or type(t) in _PLAIN for t in tensors):
+        return False  # (dynamo reads is_compiling() first, as a constant)
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _check_shapes(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
@@ -112,10 +152,13 @@ def _check_shapes(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1
                          f"got shape {tuple(x.shape)}")
     C, hidden = x.shape[1], fc1_weight.shape[0]
     ones = (1,) * (fc1_weight.dim() - 2)
-    expected = {
-        "fc1_weight": (fc1_weight, (hidden, C) + ones), "fc1_bias": (fc1_bias, (hidden,)),
-        "fc2_weight": (fc2_weight, (C, hidden) + ones), "fc2_bias": (fc2_bias, (C,)),
-    }
+    w1, w2 = (hidden, C) + ones, (C, hidden) + ones
+    if (fc1_weight.shape == w1 and fc2_weight.shape == w2 and fc1_bias.shape == (hidden,)
+            and fc2_bias.shape == (C,) and (shortcut is None or shortcut.shape == x.shape)
+            and (gain is None or gain.dim() == 0)):
+        return  # the common case, checked without building messages
+    expected = {"fc1_weight": (fc1_weight, w1), "fc1_bias": (fc1_bias, (hidden,)),
+                "fc2_weight": (fc2_weight, w2), "fc2_bias": (fc2_bias, (C,))}
     if shortcut is not None:
         expected["shortcut"] = (shortcut, tuple(x.shape))
     if gain is not None:
@@ -159,9 +202,13 @@ def se_residual(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor, fc1_b
     check_names(act, gate)
     check_out_act(out_act)
     _check_shapes(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain)
-    out, _ = se_residual_op(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act,
-                            gate, out_act, in_place)
-    return out
+    args = (x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate, out_act, in_place)
+    tensors = args[:7]
+    if not _eager(*tensors):
+        return se_residual_op(*args)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _SEResidualFunction.apply(*args)[0]
+    return _forward(*args)[0]
 
 
 def supports(x: Tensor, shortcut: Optional[Tensor], act: str, gate: str, out_act: str) -> bool:
