@@ -7,7 +7,9 @@ measures that work on the CPU: the op runs its Triton path on CPU tensors with e
 launch replaced by a no-op (``se_inject.fused._common.launch``, or ``wrap_triton`` before it
 existed), so what is timed is everything but the kernels and Triton's own launcher. The plain
 torch ops of the same tail (``se_residual_reference``: mean, two linears, act, gate, mul, add,
-act) are timed beside it; on the CPU they also compute, on tiny tensors.
+act) are timed beside it; on the CPU they also compute, on tiny tensors. The launchers alone
+(the squeeze and scale launchers of the forward, K1 and K2 of the backward, called directly)
+are the per-call launch planning and output allocation.
 
     python benchmarks/host_overhead.py                    # this checkout against 460f34a
     python benchmarks/host_overhead.py --against none
@@ -87,9 +89,23 @@ def _cases(layout: str) -> dict[str, Callable[[], Any]]:
             fn(*leaves, gain, *names).backward(grad)
         return run
 
+    from se_inject.fused import backward, scale, squeeze
+
+    g, out = torch.rand(N, C, generator=gen), torch.relu(x + sc)
+
+    def launchers_forward() -> None:  # the per-call planning and allocation of the forward
+        squeeze.squeeze_launch(x)
+        scale.scale_launch(x, g, sc, "relu")
+
+    def launchers_backward() -> None:
+        _, dz = backward.gate_grad_launch(grad, x, sc, out, g, "relu")
+        backward.input_grad_launch(dz, x, g, g)
+
     return {"fused forward": forward(fused.se_residual), "fused forward+backward": training(fused.se_residual),
             "plain forward": forward(fused.se_residual_reference),
-            "plain forward+backward": training(fused.se_residual_reference)}
+            "plain forward+backward": training(fused.se_residual_reference),
+            "launchers of the forward (squeeze, scale)": launchers_forward,
+            "launchers of the backward (K1, K2)": launchers_backward}
 
 
 def worker(layout: str, calls: int, rounds: int) -> dict[str, list[float]]:

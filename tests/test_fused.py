@@ -73,6 +73,8 @@ CASES = [
     Case("nchw-14x14-bf16-silu-nosc", (2, 8, 14, 14), dtype=BF16, sc_dtype=None, out_act="silu"),
     Case("nchw-14x14-fp32-none", (3, 4, 14, 14), out_act="none", act="gelu"),
     Case("nhwc-7x7-300ch-bf16", (1, 300, 7, 7), "channels_last", dtype=BF16, sc_dtype=BF16),
+    # an expanded (all-strides-0) gradient beside NCHW tensors: strided tiles where views differ
+    Case("sumgrad-nchw-7x7-none", (2, 8, 7, 7), sc_dtype=None, out_act="none", grad="sum"),
     # an in-place add with a wider shortcut: the kernel stores x's dtype itself
     Case("inplace-bf16-x-fp32-sc", (2, 16, 7, 7), dtype=BF16, sc_dtype=F32, in_place=True),
     Case("inplace-nhwc-bf16-silu", (2, 16, 5, 5), "channels_last", dtype=BF16, sc_dtype=F32,
@@ -248,6 +250,9 @@ def test_interpreted_triton_matches_reference(interpreted, case):
         assert rec["launches"] == {"scale": (True, None), "input_grad": (True, None),
                                    "squeeze": (None, vec), "gate_grad": (None, vec),
                                    "scale stores": out.dtype}
+    if case.name == "sumgrad-nchw-7x7-none":  # the backward reads the expanded gradient: strided
+        assert rec["launches"] == {"scale": (True, None), "squeeze": (None, 4), "gate_grad": (None, 1),
+                                   "input_grad": (False, None), "scale stores": torch.float32}
     if case.in_place:  # x's dtype stored by the kernel itself, not an fp32 result cast afterwards
         assert rec["launches"]["scale stores"] == inputs["x"].dtype
 

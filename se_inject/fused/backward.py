@@ -46,32 +46,31 @@ def _gate_grad_kernel(dout_ptr, x_ptr, sc_ptr, out_ptr, g_ptr, dz_ptr, dg_ptr,
                                                      BLOCK_C)
     n64 = n.to(tl.int64)
     cols = offs_c[None, :]
-    FLAT: tl.constexpr = ALIGN > 1
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
     for step in range(0, s_hi - s_lo + ALIGN - 1, BLOCK_S):
         rows, load, keep = reduction_rows(step, offs_c, mask_c, s_lo, s_hi, S, CS, BLOCK_S, ALIGN)
-        dz = tl.load(dout_ptr + n64 * sdn + at(rows, cols, sds, sdc, FLAT), mask=load, other=0.0)
+        dz = tl.load(dout_ptr + n64 * sdn + at(rows, cols, sds, sdc, ALIGN > 1), mask=load, other=0.0)
         dz = dz.to(tl.float32)
-        x = tl.load(x_ptr + n64 * sxn + at(rows, cols, sxs, sxc, FLAT), mask=load, other=0.0)
+        x = tl.load(x_ptr + n64 * sxn + at(rows, cols, sxs, sxc, ALIGN > 1), mask=load, other=0.0)
         x = x.to(tl.float32)
         if OUT_ACT == 1:
-            out = tl.load(out_ptr + n64 * son + at(rows, cols, sos, soc, FLAT), mask=load, other=0.0)
+            out = tl.load(out_ptr + n64 * son + at(rows, cols, sos, soc, ALIGN > 1), mask=load, other=0.0)
             dz = tl.where(out.to(tl.float32) > 0.0, dz, 0.0)
         elif OUT_ACT == 2:
-            if FLAT:  # each element's own channel, the window's edges included
+            if ALIGN > 1:  # each element's own channel, the window's edges included
                 gate = tl.load(g_ptr + n * C + rows // S, mask=load, other=0.0)
             else:
                 gate = tl.load(g_ptr + n * C + cols, mask=mask_c[None, :], other=0.0)
             z = x * gate
             if HAS_SC:
-                sc = tl.load(sc_ptr + n64 * srn + at(rows, cols, srs, src, FLAT), mask=load, other=0.0)
+                sc = tl.load(sc_ptr + n64 * srn + at(rows, cols, srs, src, ALIGN > 1), mask=load, other=0.0)
                 z += sc.to(tl.float32)
             sig = tl.sigmoid(z)
             dz = dz * sig * (1.0 + z * (1.0 - sig))
         if STORE_DZ:
-            dz_ptrs = dz_ptr + n64 * szn + at(rows, cols, szs, szc, FLAT)
+            dz_ptrs = dz_ptr + n64 * szn + at(rows, cols, szs, szc, ALIGN > 1)
             tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=load)
-        if FLAT:  # a window's edges belong to the neighbouring channels
+        if ALIGN > 1:  # a window's edges belong to the neighbouring channels
             dz = tl.where(keep, dz, 0.0)
         acc += dz * x
     tl.store(dg_ptr + (split * N + n) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)

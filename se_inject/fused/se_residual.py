@@ -12,10 +12,18 @@ It returns ``(out, s)``: the squeeze means are saved for the backward, which rec
 MLP from them instead of reading x again. The backward is K1 (``dg = sum_s dz * x``), the MLP
 backward in aten ops, and K2 (``dx = dz * g + ds / S``): see :mod:`se_inject.fused.backward`.
 
+Two ways in, one set of functions: :func:`se_residual` called in plain eager mode runs the op's
+forward, setup and backward as an autograd Function (``_eager``: the dispatcher's custom-op and
+autograd layers cost more host time than the rest of a batch-1 call; the Function also keeps the
+MLP's state for the backward); anything that traces (torch.compile, export, make_fx, fake
+tensors, modes) calls ``torch.ops.se_inject.se_residual``, one node. :func:`use_fused` is the one
+decision between the kernels and plain torch ops.
+
 Autocast: custom ops are not autocast-aware, and no autocast rule is registered, on purpose. The
 op takes x and the shortcut in whatever dtypes they come (bf16 from a conv under autocast, often
 fp32 for a shortcut), computes in fp32 and stores ``promote_types(x.dtype, shortcut.dtype)``, as
-the eager ``x * g + shortcut`` would; the MLP runs in fp32 with autocast switched off inside.
+the eager ``x * g + shortcut`` would (x's dtype for ``in_place``, as ``x += shortcut``); the MLP
+runs in fp32 with autocast switched off inside.
 """
 
 from typing import Any, Optional
