@@ -68,6 +68,7 @@ CASES = [
     Case("permuted-x", (2, 5, 4, 3), "permuted", sc_dtype=None, out_act="silu"),
     # NCHW maps whose rows are not 16-element aligned (ResNet's 7x7 and 14x14): flat elementwise
     # kernels, and reductions over aligned windows (C * S a whole number of 16-byte vectors)
+    Case("nchw-8x8-aligned-rows", (2, 6, 8, 8), out_act="silu"),  # S % 16 == 0: 2-D tiles
     Case("nchw-7x7-bf16", (2, 16, 7, 7), dtype=BF16, sc_dtype=BF16),
     Case("nchw-7x7-fp32-silu", (2, 8, 7, 7), out_act="silu", act="silu"),
     Case("nchw-14x14-bf16-silu-nosc", (2, 8, 14, 14), dtype=BF16, sc_dtype=None, out_act="silu"),
@@ -250,6 +251,9 @@ def test_interpreted_triton_matches_reference(interpreted, case):
         assert rec["launches"] == {"scale": (True, None), "input_grad": (True, None),
                                    "squeeze": (None, vec), "gate_grad": (None, vec),
                                    "scale stores": out.dtype}
+    if case.name == "nchw-8x8-aligned-rows":  # aligned rows vectorise in the strided tiles
+        assert rec["launches"] == {"scale": (False, None), "squeeze": (None, 1), "gate_grad": (None, 1),
+                                   "input_grad": (False, None), "scale stores": torch.float32}
     if case.name == "sumgrad-nchw-7x7-none":  # the backward reads the expanded gradient: strided
         assert rec["launches"] == {"scale": (True, None), "squeeze": (None, 4), "gate_grad": (None, 1),
                                    "input_grad": (False, None), "scale stores": torch.float32}
@@ -571,6 +575,10 @@ def test_nchw_at_7x7_walks_the_flat_axis_and_aligned_windows(dtype, layout, alig
     # a shortcut in another layout makes the elementwise kernel strided again
     other = _plan.ncs(x.contiguous(memory_format=torch.channels_last))
     assert not _plan.pointwise_plan(tuple(x.shape), (v.strides, other.strides), x.device).flat
+    # rows of 56 x 56 = 3136 positions are 16-element aligned: 2-D tiles, vectorised as they are
+    big = _plan.ncs(torch.empty(4, 32, 56, 56, dtype=dtype))
+    assert not _plan.pointwise_plan((4, 32, 56, 56), (big.strides,) * 2, x.device).flat
+    assert _plan.reduction_grid(big.tensor, (big,)).align == 1
 
 
 def test_launch_plans_are_cached_per_shape_strides_dtype_and_device():
