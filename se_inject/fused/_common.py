@@ -45,7 +45,7 @@ except ImportError:  # CPU-only torch builds ship without Triton: kernels are de
 __all__ = [
     "HAS_TRITON", "INTERPRETED", "triton", "tl", "OUT_ACTS", "DTYPES", "MIN_CAPABILITY",
     "BF16_CAPABILITY", "device_supported", "tensors_supported", "check_out_act", "tile_ids",
-    "pointwise_ids", "at", "split_ids", "reduction_rows", "launch", "register_op",
+    "pointwise_ids", "at", "per_channel", "split_ids", "reduction_rows", "launch", "register_op",
 ]
 
 #: Activations after the residual add, with the code the kernels use as a ``tl.constexpr``.
@@ -178,35 +178,49 @@ def tile_ids(pid, n_cblocks, n_sblocks, C_FAST: tl.constexpr):
 @triton.jit
 def pointwise_ids(pid, C, S, n_cblocks, n_sblocks, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                   C_FAST: tl.constexpr, FLAT: tl.constexpr):
-    """(n, rows, cols, mask, channel mask) of elementwise program ``pid``; ``cols`` are channels.
+    """(n, rows, chans, mask, channel mask) of elementwise program ``pid``.
 
     FLAT: BLOCK_S consecutive elements of sample n's flat C * S axis; ``rows`` are their flat
-    offsets and ``cols = rows // S`` (1-D). Otherwise a (BLOCK_S positions, BLOCK_C channels)
-    tile: ``rows`` (BLOCK_S, 1), ``cols`` (1, BLOCK_C). Offsets into a tensor: :func:`at`.
+    offsets and ``chans = rows // S`` their channels (both 1-D, like the masks). Otherwise a
+    (BLOCK_S positions, BLOCK_C channels) tile: ``rows`` (BLOCK_S, 1), ``chans`` (BLOCK_C,) and
+    its mask (BLOCK_C,), so a gate loads once per channel (``per_channel`` broadcasts it).
+    Offsets into a tensor: :func:`at`.
     """
     if FLAT:
         n = pid // n_sblocks
         rows = (pid % n_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = rows < C * S
-        cols = rows // S
+        chans = rows // S
         cmask = mask
     else:
         n, cb, sb = tile_ids(pid, n_cblocks, n_sblocks, C_FAST)
         rows = (sb * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]
-        cols = (cb * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
-        cmask = cols < C
-        mask = (rows < S) & cmask
-    return n, rows, cols, mask, cmask
+        chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = chans < C
+        mask = (rows < S) & cmask[None, :]
+    return n, rows, chans, mask, cmask
 
 
 @triton.jit
-def at(rows, cols, stride_s, stride_c, FLAT: tl.constexpr):
-    """Offsets within one sample of the elements :func:`pointwise_ids` named."""
+def at(rows, chans, stride_s, stride_c, FLAT: tl.constexpr):
+    """Offsets within one sample of the elements :func:`pointwise_ids` (or
+    :func:`reduction_rows`) named: ``rows`` themselves when FLAT, else the (rows, chans) tile."""
     if FLAT:
         offs = rows
     else:
-        offs = rows * stride_s + cols * stride_c
+        offs = rows * stride_s + chans[None, :] * stride_c
     return offs
+
+
+@triton.jit
+def per_channel(v, FLAT: tl.constexpr):
+    """A per-channel value loaded at ``chans`` (see :func:`pointwise_ids`), shaped to combine
+    with the tile."""
+    if FLAT:
+        out = v
+    else:
+        out = v[None, :]
+    return out
 
 
 @triton.jit
@@ -228,7 +242,7 @@ def reduction_rows(step, offs_c, mask_c, s_lo, s_hi, S, CS, BLOCK_S: tl.constexp
                    ALIGN: tl.constexpr):
     """(rows, load mask, keep mask) of the (BLOCK_S, BLOCK_C) tile at ``step`` (0, BLOCK_S, ...
     up to ``s_hi - s_lo + ALIGN - 1``) of a reduction over positions [s_lo, s_hi) of channels
-    ``offs_c``. Offsets into a tensor: ``at(rows, offs_c[None, :], ..., ALIGN > 1)``.
+    ``offs_c``. Offsets into a tensor: ``at(rows, offs_c, ..., ALIGN > 1)``.
 
     ALIGN == 1: rows are positions; load and keep are the positions in range. ALIGN > 1 (NCHW,
     S not a multiple of 16): rows are flat offsets in ALIGN-element aligned windows that cover

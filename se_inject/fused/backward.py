@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    at, check_out_act, launch, pointwise_ids, reduction_rows, register_op, split_ids,
+    at, check_out_act, launch, per_channel, pointwise_ids, reduction_rows, register_op, split_ids,
     tensors_supported, tl, triton,
 )
 from ._plan import as_fp32, empty_ncs, ncs, pointwise_plan, reduction_grid
@@ -45,30 +45,29 @@ def _gate_grad_kernel(dout_ptr, x_ptr, sc_ptr, out_ptr, g_ptr, dz_ptr, dg_ptr,
     n, split, offs_c, mask_c, s_lo, s_hi = split_ids(tl.program_id(0), n_cblocks, splits, s_per_split, C, S,
                                                      BLOCK_C)
     n64 = n.to(tl.int64)
-    cols = offs_c[None, :]
+    gate = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)[None, :]  # per channel (strided)
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
     for step in range(0, s_hi - s_lo + ALIGN - 1, BLOCK_S):
         rows, load, keep = reduction_rows(step, offs_c, mask_c, s_lo, s_hi, S, CS, BLOCK_S, ALIGN)
-        dz = tl.load(dout_ptr + n64 * sdn + at(rows, cols, sds, sdc, ALIGN > 1), mask=load, other=0.0)
+        dz = tl.load(dout_ptr + n64 * sdn + at(rows, offs_c, sds, sdc, ALIGN > 1), mask=load, other=0.0)
         dz = dz.to(tl.float32)
-        x = tl.load(x_ptr + n64 * sxn + at(rows, cols, sxs, sxc, ALIGN > 1), mask=load, other=0.0)
+        x = tl.load(x_ptr + n64 * sxn + at(rows, offs_c, sxs, sxc, ALIGN > 1), mask=load, other=0.0)
         x = x.to(tl.float32)
         if OUT_ACT == 1:
-            out = tl.load(out_ptr + n64 * son + at(rows, cols, sos, soc, ALIGN > 1), mask=load, other=0.0)
+            out = tl.load(out_ptr + n64 * son + at(rows, offs_c, sos, soc, ALIGN > 1), mask=load, other=0.0)
             dz = tl.where(out.to(tl.float32) > 0.0, dz, 0.0)
         elif OUT_ACT == 2:
             if ALIGN > 1:  # each element's own channel, the window's edges included
-                gate = tl.load(g_ptr + n * C + rows // S, mask=load, other=0.0)
+                z = x * tl.load(g_ptr + n * C + rows // S, mask=load, other=0.0)
             else:
-                gate = tl.load(g_ptr + n * C + cols, mask=mask_c[None, :], other=0.0)
-            z = x * gate
+                z = x * gate
             if HAS_SC:
-                sc = tl.load(sc_ptr + n64 * srn + at(rows, cols, srs, src, ALIGN > 1), mask=load, other=0.0)
+                sc = tl.load(sc_ptr + n64 * srn + at(rows, offs_c, srs, src, ALIGN > 1), mask=load, other=0.0)
                 z += sc.to(tl.float32)
             sig = tl.sigmoid(z)
             dz = dz * sig * (1.0 + z * (1.0 - sig))
         if STORE_DZ:
-            dz_ptrs = dz_ptr + n64 * szn + at(rows, cols, szs, szc, ALIGN > 1)
+            dz_ptrs = dz_ptr + n64 * szn + at(rows, offs_c, szs, szc, ALIGN > 1)
             tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=load)
         if ALIGN > 1:  # a window's edges belong to the neighbouring channels
             dz = tl.where(keep, dz, 0.0)
@@ -82,16 +81,17 @@ def _input_grad_kernel(dz_ptr, g_ptr, ds_ptr, dx_ptr, C, S, n_cblocks, n_sblocks
                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, C_FAST: tl.constexpr,
                        FLAT: tl.constexpr):
     """K2: dx = dz * g[n, c] + ds[n, c] / S on one tile (see pointwise_ids); S is an integer."""
-    n, rows, cols, mask, cmask = pointwise_ids(tl.program_id(0), C, S, n_cblocks, n_sblocks,
-                                               BLOCK_S, BLOCK_C, C_FAST, FLAT)
+    n, rows, chans, mask, cmask = pointwise_ids(tl.program_id(0), C, S, n_cblocks, n_sblocks,
+                                                BLOCK_S, BLOCK_C, C_FAST, FLAT)
     n64 = n.to(tl.int64)
-    gate = tl.load(g_ptr + n * C + cols, mask=cmask, other=0.0)
-    dz = tl.load(dz_ptr + n64 * szn + at(rows, cols, szs, szc, FLAT), mask=mask)
-    dx = dz.to(tl.float32) * gate
+    gate = tl.load(g_ptr + n * C + chans, mask=cmask, other=0.0)
+    if HAS_DS:  # dx = dz * g + ds / S, the per-channel parts combined before the broadcast
+        shift = per_channel(tl.load(ds_ptr + n * C + chans, mask=cmask, other=0.0) * (1.0 / S), FLAT)
+    dz = tl.load(dz_ptr + n64 * szn + at(rows, chans, szs, szc, FLAT), mask=mask)
+    dx = dz.to(tl.float32) * per_channel(gate, FLAT)
     if HAS_DS:
-        ds = tl.load(ds_ptr + n * C + cols, mask=cmask, other=0.0)
-        dx += ds * (1.0 / S)
-    dx_ptrs = dx_ptr + n64 * sxn + at(rows, cols, sxs, sxc, FLAT)
+        dx += shift
+    dx_ptrs = dx_ptr + n64 * sxn + at(rows, chans, sxs, sxc, FLAT)
     tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -15,7 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import at, check_out_act, launch, pointwise_ids, register_op, tensors_supported, tl, triton
+from ._common import (
+    at, check_out_act, launch, per_channel, pointwise_ids, register_op, tensors_supported, tl, triton,
+)
 from ._plan import as_fp32, empty_ncs, ncs, pointwise_plan
 from .backward import compute_gate_grad, compute_input_grad
 
@@ -30,20 +32,20 @@ def _scale_kernel(x_ptr, g_ptr, sc_ptr, out_ptr, C, S, n_cblocks, n_sblocks,
                   BLOCK_C: tl.constexpr, C_FAST: tl.constexpr, FLAT: tl.constexpr):
     """out = act(x * g + shortcut) on one tile (see pointwise_ids); OUT_ACT 0 none, 1 relu,
     2 silu."""
-    n, rows, cols, mask, cmask = pointwise_ids(tl.program_id(0), C, S, n_cblocks, n_sblocks,
-                                               BLOCK_S, BLOCK_C, C_FAST, FLAT)
+    n, rows, chans, mask, cmask = pointwise_ids(tl.program_id(0), C, S, n_cblocks, n_sblocks,
+                                                BLOCK_S, BLOCK_C, C_FAST, FLAT)
     n64 = n.to(tl.int64)
-    gate = tl.load(g_ptr + n * C + cols, mask=cmask, other=0.0)
-    x = tl.load(x_ptr + n64 * sxn + at(rows, cols, sxs, sxc, FLAT), mask=mask)
+    gate = per_channel(tl.load(g_ptr + n * C + chans, mask=cmask, other=0.0), FLAT)
+    x = tl.load(x_ptr + n64 * sxn + at(rows, chans, sxs, sxc, FLAT), mask=mask)
     z = x.to(tl.float32) * gate
     if HAS_SC:
-        sc = tl.load(sc_ptr + n64 * srn + at(rows, cols, srs, src, FLAT), mask=mask)
+        sc = tl.load(sc_ptr + n64 * srn + at(rows, chans, srs, src, FLAT), mask=mask)
         z += sc.to(tl.float32)
     if OUT_ACT == 1:
         z = tl.where(z < 0.0, 0.0, z)  # keeps NaN, as torch.relu does
     elif OUT_ACT == 2:
         z = z * tl.sigmoid(z)
-    out_ptrs = out_ptr + n64 * son + at(rows, cols, sos, soc, FLAT)
+    out_ptrs = out_ptr + n64 * son + at(rows, chans, sos, soc, FLAT)
     tl.store(out_ptrs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 

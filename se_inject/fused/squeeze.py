@@ -33,7 +33,7 @@ def _squeeze_kernel(x_ptr, out_ptr, N, C, S, CS, stride_n, stride_c, stride_s, s
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
     for step in range(0, s_hi - s_lo + ALIGN - 1, BLOCK_S):
         rows, load, keep = reduction_rows(step, offs_c, mask_c, s_lo, s_hi, S, CS, BLOCK_S, ALIGN)
-        x = tl.load(base + at(rows, offs_c[None, :], stride_s, stride_c, ALIGN > 1), mask=load, other=0.0)
+        x = tl.load(base + at(rows, offs_c, stride_s, stride_c, ALIGN > 1), mask=load, other=0.0)
         if ALIGN > 1:  # a window's edges belong to the neighbouring channels
             x = tl.where(keep, x, 0.0)
         acc += x.to(tl.float32)
