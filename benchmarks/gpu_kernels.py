@@ -3,23 +3,30 @@
 Paper: `Squeeze-and-Excitation Networks`, Hu et al., CVPR 2018 - https://arxiv.org/abs/1709.01507
 
 One prepared command for a one-shot run on a CUDA machine; it writes JSON lines as it goes and
-stops starting new work when its time budget (170 s by default) is spent:
+starts no section that would not fit in what is left of its time budget (170 s by default):
 
     python benchmarks/gpu_kernels.py              # --out benchmarks/results/gpu-kernels.jsonl
     python benchmarks/gpu_kernels.py --interpret-smoke    # CPU, TRITON_INTERPRET=1, tiny shapes
 
 1. ``check``: the op against ``se_residual_reference`` (fp32, on the same values) in fp32 and
-   bf16, NCHW and channels_last, 1-D/2-D/3-D, forward and every gradient, batch-1 shapes that
-   split the squeeze, with the test suite's tolerances; ``supports`` must be true (the Triton
-   path ran).
-2. ``time``: ``triton.testing.do_bench`` (median, p20, p80 in microseconds) at ResNet-50's stage
-   shapes (N=256, bf16, channels_last): torch mean vs the Triton squeeze; torch ``x*g+sc`` then
-   relu (and the original model's add + relu) vs the fused kernel; a copy (bandwidth reference)
-   and the floor (one read at copy bandwidth, half a copy); the whole SE tail forward; and the
-   backward (torch autograd of the reference under bf16 autocast vs the fused backward).
-3. ``mutation`` and ``compile``: which kernel arguments inductor's analysis says are written (only
-   outputs, or compiled code clones inputs), and torch.compile(fullgraph=True) of the op, forward
-   and backward, against eager.
+   bf16, NCHW (7x7 and 14x14 maps too) and channels_last, 1-D/2-D/3-D, an in-place add with a
+   wider shortcut, forward and every gradient, batch-1 shapes that split the squeeze, with the
+   test suite's tolerances; ``supports`` must be true (the Triton path ran). If a check fails,
+   every later section uses plain kernels only and says so (a CUDA error, which leaves the
+   process's CUDA context unusable, restarts the script in a fresh process for them); the exit
+   code is then 2, so ``gpu_se.py`` runs its model sections with plain kernels too.
+2. ``compile``, each fresh (``torch._dynamo.reset()``, a recompile-limit hit raises):
+   torch.compile(fullgraph=True) of the op, forward and backward, against eager; a compiled
+   training step of a converted resnet10t with ``kernels="fused"`` against the eager plain ops
+   (forward, loss, every gradient; the compiled graph must hold one fused op per SE block); and
+   ``torch.export`` of the fused model, run and compared. Then ``mutation``: which kernel
+   arguments inductor's analysis says are written (only outputs, or compiled code clones inputs).
+3. ``time``: ``triton.testing.do_bench`` (median, p20, p80 in microseconds) at ResNet-50's stage
+   shapes (N=256, bf16), channels_last and NCHW: torch mean vs the Triton squeeze; torch
+   ``x*g+sc`` then relu (and the original model's add + relu) vs the fused kernel; a copy
+   (bandwidth reference) and the floor (one read at copy bandwidth, half a copy); the whole SE
+   tail forward; and the backward (torch autograd of the reference under bf16 autocast vs the
+   fused backward).
 
 Without a CUDA device (and without --interpret-smoke) it says so and exits 0.
 """
@@ -38,8 +45,14 @@ import torch
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]  # ResNet-50 (channels, side)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-CHECKS = [  # (shape, dtype, channels_last, shortcut, out_act, act)
+LAYOUTS = ("channels_last", "nchw")
+#: Seconds each compile section is expected to take on an H100 machine (it starts only if they are left)
+COMPILE_ESTIMATES = {"compile op": 35.0, "compile training step": 60.0, "export": 20.0}
+CHECKS = [  # (shape, dtype, channels_last, shortcut, out_act, act[, in_place])
     ((8, 256, 14, 14), torch.float32, False, True, "relu", "relu"),
+    ((8, 256, 7, 7), torch.bfloat16, False, True, "relu", "relu"),
+    ((4, 512, 14, 14), torch.bfloat16, False, True, "silu", "relu"),
+    ((4, 256, 7, 7), torch.bfloat16, False, True, "relu", "relu", True),
     ((8, 256, 14, 14), torch.float32, True, True, "silu", "silu"),
     ((8, 256, 14, 14), torch.bfloat16, True, True, "relu", "relu"),
     ((8, 256, 14, 14), torch.bfloat16, False, False, "none", "gelu"),
@@ -50,17 +63,22 @@ CHECKS = [  # (shape, dtype, channels_last, shortcut, out_act, act)
     ((4, 96, 301), torch.bfloat16, False, True, "silu", "relu6"),
 ]
 SMOKE_CHECKS = [((2, 70, 5, 4), torch.float32, True, True, "relu", "relu"),
-                ((2, 6, 37), torch.bfloat16, False, False, "silu", "gelu")]
+                ((2, 6, 37), torch.bfloat16, False, False, "silu", "gelu"),
+                ((2, 16, 7, 7), torch.bfloat16, False, True, "relu", "relu", True)]
 
 
 class Recorder:
-    """Appends one JSON object per line to ``path`` and flushes it, so a cut-off run keeps data."""
+    """Appends one JSON object per line to ``path`` and flushes it, so a cut-off run keeps data.
+
+    ``kernels_ok`` turns False when a kernel check fails: later sections then run plain kernels.
+    """
 
     def __init__(self, path: Path, budget_s: float) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a")
         self.deadline = time.monotonic() + budget_s
         self.failures = 0
+        self.kernels_ok = True
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -92,10 +110,10 @@ def make_inputs(shape: tuple, dtype: torch.dtype, channels_last: bool, shortcut:
 
 
 def forward_backward(fn: Callable, inputs: dict, names: tuple, grad_out: torch.Tensor,
-                     cast: Callable[[torch.Tensor], torch.Tensor]) -> tuple:
+                     cast: Callable[[torch.Tensor], torch.Tensor], in_place: bool = False) -> tuple:
     leaves = {k: (cast(v).detach().requires_grad_(k != "gain") if v is not None else None)
               for k, v in inputs.items()}
-    out = fn(**leaves, act=names[0], gate="sigmoid", out_act=names[1])
+    out = fn(**leaves, act=names[0], gate="sigmoid", out_act=names[1], in_place=in_place)
     out.backward(cast(grad_out).to(out.dtype))
     grads = {k: v.grad for k, v in leaves.items() if v is not None and v.grad is not None}
     return out.detach(), grads
@@ -108,23 +126,31 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_checks(fused: Any, rec: Recorder, device: torch.device, checks: list) -> None:
     gen = torch.Generator(device=device).manual_seed(0)
-    for shape, dtype, cl, with_sc, out_act, act in checks:
+    for shape, dtype, cl, with_sc, out_act, act, *rest in checks:
+        in_place = bool(rest and rest[0])
         inputs = make_inputs(shape, dtype, cl, with_sc, device, gen)
+        if in_place and inputs["shortcut"] is not None:  # a wider shortcut, as under autocast
+            inputs["shortcut"] = inputs["shortcut"].float()
         grad_out = torch.randn(shape, generator=gen, device=device).to(dtype)
         supports = fused.supports(inputs["x"], inputs["shortcut"], act, "sigmoid", out_act)
         out, grads = forward_backward(fused.se_residual, inputs, (act, out_act), grad_out,
-                                      lambda t: t)
+                                      lambda t: t, in_place)
         ref, ref_grads = forward_backward(fused.se_residual_reference, inputs, (act, out_act),
-                                          grad_out, lambda t: t.float())
+                                          grad_out, lambda t: t.float(), in_place)
         errors = {"out": rel_err(out, ref),
                   **{k: rel_err(g, ref_grads[k]) for k, g in grads.items()}}
-        tols = {"out": TOL[out.dtype], **{k: TOL[g.dtype] for k, g in grads.items()}}
+        # the shortcut's gradient is dz, in the output's dtype
+        tols = {"out": TOL[out.dtype], **{k: max(TOL[g.dtype], TOL[out.dtype]) for k, g in grads.items()}}
         ok = supports and all(errors[k] <= tols[k] for k in errors)
         ok = ok and (not cl or out.stride() == inputs["x"].stride())
+        ok = ok and (not in_place or out.dtype == inputs["x"].dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # a kernel's illegal access surfaces here, not later
         rec.failures += not ok
+        rec.kernels_ok = rec.kernels_ok and ok
         rec.write("check", shape=list(shape), dtype=str(dtype), channels_last=cl,
-                  shortcut=with_sc, out_act=out_act, act=act, supports=supports, ok=ok,
-                  rel_err=errors)
+                  shortcut=with_sc, out_act=out_act, act=act, in_place=in_place, supports=supports,
+                  ok=ok, rel_err=errors)
 
 
 def bench(fn: Callable[[], Any], device: torch.device) -> dict:
@@ -141,11 +167,13 @@ def bench(fn: Callable[[], Any], device: torch.device) -> dict:
 
 
 def stage_timings(fused: Any, rec: Recorder, device: torch.device, batch: int, C: int,
-                  side: int) -> None:
+                  side: int, layout: str = "channels_last") -> None:
+    """Every timing at one stage shape and layout; only torch's rows when the kernels failed."""
     from se_inject.fused import backward, scale, squeeze
 
     gen = torch.Generator(device=device).manual_seed(0)
-    inputs = make_inputs((batch, C, side, side), torch.bfloat16, True, True, device, gen)
+    inputs = make_inputs((batch, C, side, side), torch.bfloat16, layout == "channels_last", True,
+                         device, gen)
     x, sc = inputs["x"], inputs["shortcut"]
     g = torch.rand(batch, C, generator=gen, device=device)
     g4 = g.to(x.dtype)[:, :, None, None]
@@ -154,8 +182,8 @@ def stage_timings(fused: Any, rec: Recorder, device: torch.device, batch: int, C
 
     def put(what: str, impl: str, result: dict, passes: float) -> None:
         gbps = passes * mbytes / result["us"] * 1e3 if result["us"] else None  # MB/us = TB/s
-        rec.write("time", stage=stage, batch=batch, tensor_mb=round(mbytes, 1), what=what,
-                  impl=impl, passes=passes, gb_per_s=gbps, **result)
+        rec.write("time", stage=stage, layout=layout, batch=batch, tensor_mb=round(mbytes, 1),
+                  what=what, impl=impl, passes=passes, gb_per_s=gbps, **result)
 
     y = torch.empty_like(x)
     copy = bench(lambda: y.copy_(x), device)
@@ -163,16 +191,20 @@ def stage_timings(fused: Any, rec: Recorder, device: torch.device, batch: int, C
     put("bandwidth", "floor: one read at copy bandwidth", {**copy, "us": copy["us"] / 2,
                                                             "p20_us": None, "p80_us": None}, 1)
     put("squeeze", "torch mean", bench(lambda: x.mean((2, 3)), device), 1)
-    put("squeeze", "triton squeeze", bench(lambda: squeeze.squeeze_launch(x), device), 1)
     put("scale", "torch relu(x*g+sc)", bench(lambda: torch.relu(x * g4 + sc), device), 3)
     put("scale", "torch relu(x+sc) (original model)", bench(lambda: torch.relu(x + sc), device), 3)
-    put("scale", "triton fused scale+add+relu",
-        bench(lambda: scale.scale_launch(x, g, sc, "relu"), device), 3)
     args = (inputs["fc1_weight"], inputs["fc1_bias"], inputs["fc2_weight"], inputs["fc2_bias"],
             inputs["gain"], "relu", "sigmoid", "relu")
     with torch.autocast(device.type, dtype=torch.bfloat16):
         put("se tail forward", "torch reference (autocast)",
             bench(lambda: fused.se_residual_reference(x, sc, *args), device), 4)
+    if not rec.kernels_ok:
+        rec.write("skipped", what=f"Triton rows at {stage} {layout}", reason=PLAIN_ONLY)
+        backward_timings(fused, put, device, inputs, args, fused_rows=False)
+        return
+    put("squeeze", "triton squeeze", bench(lambda: squeeze.squeeze_launch(x), device), 1)
+    put("scale", "triton fused scale+add+relu",
+        bench(lambda: scale.scale_launch(x, g, sc, "relu"), device), 3)
     put("se tail forward", "fused op", bench(lambda: fused.se_residual(x, sc, *args), device), 4)
     backward_timings(fused, put, device, inputs, args)
     dout = torch.randn_like(x)
@@ -184,11 +216,11 @@ def stage_timings(fused: Any, rec: Recorder, device: torch.device, batch: int, C
 
 
 def backward_timings(fused: Any, put: Callable, device: torch.device, inputs: dict,
-                     args: tuple) -> None:
+                     args: tuple, fused_rows: bool = True) -> None:
     """The backward alone: autograd.grad on a kept graph, for the reference and the op."""
-    for impl, fn, autocast in (("torch autograd of the reference (autocast)",
-                                fused.se_residual_reference, True),
-                               ("fused backward", fused.se_residual, False)):
+    variants = [("torch autograd of the reference (autocast)", fused.se_residual_reference, True),
+                ("fused backward", fused.se_residual, False)]
+    for impl, fn, autocast in variants[:2 if fused_rows else 1]:
         leaves = [inputs[k].detach().requires_grad_() for k in ("x", "shortcut")]
         params = [a.detach().requires_grad_() for a in args[:4]]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -237,6 +269,13 @@ def _like(val: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
 
 
+def _fresh_compile() -> None:
+    """Each compiled variant from scratch, and a recompile-limit hit raises instead of silently
+    running eager."""
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def compile_check(fused: Any, rec: Recorder, device: torch.device, shape: tuple) -> None:
     """torch.compile(fullgraph=True) of the op, forward and backward, against eager.
 
@@ -247,6 +286,7 @@ def compile_check(fused: Any, rec: Recorder, device: torch.device, shape: tuple)
     inputs = make_inputs(shape, torch.bfloat16, True, True, device, gen)
     grad_out = torch.randn(shape, generator=gen, device=device).to(torch.bfloat16)
     start = time.monotonic()
+    _fresh_compile()
     compiled = torch.compile(fused.se_residual, fullgraph=True)
     out, grads = forward_backward(compiled, inputs, ("relu", "relu"), grad_out, lambda t: t)
     ref, ref_grads = forward_backward(fused.se_residual, inputs, ("relu", "relu"), grad_out,
@@ -254,7 +294,104 @@ def compile_check(fused: Any, rec: Recorder, device: torch.device, shape: tuple)
     errors = {"out": rel_err(out, ref), **{k: rel_err(g, ref_grads[k]) for k, g in grads.items()}}
     ok = all(e <= 1e-2 for e in errors.values())
     rec.failures += not ok
-    rec.write("compile", ok=ok, rel_err=errors, seconds=round(time.monotonic() - start, 1))
+    rec.write("compile", what="op forward+backward", ok=ok, rel_err=errors,
+              seconds=round(time.monotonic() - start, 1))
+
+
+def _small_model(device: torch.device, smoke: bool) -> tuple:
+    """A converted resnet10t (four SE blocks, each before a residual add) and a batch for it."""
+    import timm
+
+    import se_inject
+
+    torch.manual_seed(0)
+    size, batch = (32, 2) if smoke else (64, 16)
+    model = se_inject.apply(timm.create_model("resnet10t", num_classes=10, zero_init_last=False),
+                            example_inputs=torch.randn(1, 3, size, size))
+    fmt = torch.contiguous_format if smoke else torch.channels_last
+    model = model.to(device).to(memory_format=fmt)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    return model, x, torch.randint(0, 10, (batch,), device=device)
+
+
+def _training_step(model: Callable, params: dict, x: torch.Tensor, target: torch.Tensor,
+                   device: torch.device) -> tuple:
+    for p in params.values():
+        p.grad = None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.float(), target)
+    loss.backward()
+    return out.detach().float(), loss.detach(), {n: p.grad.detach().clone() for n, p in params.items()}
+
+
+def training_step_check(rec: Recorder, device: torch.device, smoke: bool) -> None:
+    """A compiled training step with kernels="fused" against eager plain ops: forward, loss and
+    every parameter's gradient; the dynamo graph must hold one fused op per SE block."""
+    import se_inject
+    from se_inject import SEBlock
+
+    model, x, target = _small_model(device, smoke)
+    model.train()
+    params = dict(model.named_parameters())
+    blocks = sum(isinstance(m, SEBlock) for m in model.modules())
+    se_inject.set_kernels(model, "plain")
+    ref_out, ref_loss, ref_grads = _training_step(model, params, x, target, device)
+    se_inject.set_kernels(model, "fused")
+    graphs: list = []
+    inductor = "aot_eager" if smoke else "inductor"  # the CPU smoke run checks code paths only
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(inductor)(gm, example_inputs)
+
+    start = time.monotonic()
+    _fresh_compile()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out, loss, grads = _training_step(compiled, params, x, target, device)
+    ops = sum(str(n.target) == "se_inject.se_residual.default" for g in graphs for n in g.graph.nodes)
+    errors = {"out": rel_err(out, ref_out), "loss": rel_err(loss, ref_loss),
+              **{f"grad {n}": rel_err(g, ref_grads[n]) for n, g in grads.items()}}
+    worst = max((k for k in errors if k.startswith("grad")), key=errors.get)
+    ok = (ops == _fused_ops_expected(blocks, device) and errors["out"] < 3e-2 and errors["loss"] < 3e-2
+          and errors[worst] < 1e-1)
+    rec.failures += not ok
+    rec.write("compile", what="training step, kernels='fused' compiled vs plain eager", ok=ok,
+              se_blocks=blocks, fused_ops_in_graph=ops, out_rel_err=errors["out"],
+              loss_rel_err=errors["loss"], grad_rel_err_max=errors[worst], worst_grad=worst,
+              backend=inductor, seconds=round(time.monotonic() - start, 1))
+    se_inject.set_kernels(model, "auto")
+
+
+def export_check(rec: Recorder, device: torch.device, smoke: bool) -> None:
+    """torch.export of the fused model (eval): one fused op per SE block, same outputs."""
+    import se_inject
+    from se_inject import SEBlock
+
+    model, x, _ = _small_model(device, smoke)
+    model = se_inject.set_kernels(model.eval(), "fused")
+    blocks = sum(isinstance(m, SEBlock) for m in model.modules())
+    start = time.monotonic()
+    with torch.no_grad():
+        want = model(x)
+        exported = torch.export.export(model, (x,))
+        got = exported.module()(x)
+    ops = sum(str(n.target) == "se_inject.se_residual.default" for n in exported.graph.nodes)
+    err = rel_err(got, want)
+    ok = ops == _fused_ops_expected(blocks, device) and err < 1e-3
+    rec.failures += not ok
+    rec.write("compile", what="torch.export of the fused model", ok=ok, se_blocks=blocks,
+              fused_ops_in_graph=ops, rel_err=err, seconds=round(time.monotonic() - start, 1))
+
+
+def _fused_ops_expected(blocks: int, device: torch.device) -> int:
+    """Fused ops a traced graph must hold: one per SE block on CUDA; none in the CPU smoke run,
+    where interpreted kernels need real data, so tracing (fake tensors) takes the plain ops."""
+    return blocks if device.type == "cuda" else 0
+
+
+PLAIN_ONLY = "a kernel check failed: every later section uses plain kernels only"
+CUDA_ERRORS = ("CUDA error", "illegal memory access", "AcceleratorError", "device-side assert")
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -265,7 +402,9 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--budget-s", type=float, default=170.0, help="start no new work after this")
     p.add_argument("--interpret-smoke", action="store_true",
                    help="CPU tensors through Triton's interpreter, tiny shapes (checks code paths)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile checks")
+    p.add_argument("--plain-only", action="store_true",
+                   help=argparse.SUPPRESS)  # the restart after a CUDA error in the kernel checks
     args = p.parse_args(argv)
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before se_inject.fused decorates its kernels
@@ -281,36 +420,84 @@ def main(argv: Optional[list] = None) -> int:
     rec = Recorder(args.out, args.budget_s)
     rec.write("env", torch=torch.__version__, triton=_triton_version(), device=_device_name(device),
               interpreted=fused.INTERPRETED, argv=sys.argv[1:], time=time.strftime("%FT%T%z"))
-    guarded(rec, "checks", run_checks, fused, rec, device,
-            SMOKE_CHECKS if args.interpret_smoke else CHECKS)
+    if args.plain_only:
+        rec.kernels_ok = False
+        rec.write("plain kernels", reason=PLAIN_ONLY + " (restarted after a CUDA error)")
+    else:
+        error = guarded(rec, "checks", run_checks, fused, rec, device,
+                        SMOKE_CHECKS if args.interpret_smoke else CHECKS)
+        if error is not None:
+            rec.kernels_ok = False
+            if any(e in error for e in CUDA_ERRORS):  # this process's CUDA context is gone
+                return _restart_plain_only(rec, argv)
+        if not rec.kernels_ok:
+            rec.write("plain kernels", reason=PLAIN_ONLY)
+    rec.write("checks done", kernels_ok=rec.kernels_ok)
+    if not args.no_compile:
+        compile_sections(fused, rec, device, args.interpret_smoke)
     batch = 2 if args.interpret_smoke else args.batch_size
     for C, side in STAGES:
-        if rec.left() < 20:
-            rec.write("skipped", what=f"stage {C}x{side}x{side}", reason="time budget")
-            continue
-        C, side = (C // 32, max(3, side // 8)) if args.interpret_smoke else (C, side)
-        guarded(rec, f"stage {C}x{side}x{side}", stage_timings, fused, rec, device, batch, C, side)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if device.type == "cuda":
+        for layout in LAYOUTS:
+            if rec.left() < 10:
+                rec.write("skipped", what=f"stage {C}x{side}x{side} {layout}", reason="time budget")
+                continue
+            c, sd = (C // 32, max(3, side // 8)) if args.interpret_smoke else (C, side)
+            guarded(rec, f"stage {c}x{sd}x{sd} {layout}", stage_timings, fused, rec, device, batch,
+                    c, sd, layout)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    rec.write("done", failures=rec.failures, kernels_ok=rec.kernels_ok, seconds_left=round(rec.left(), 1))
+    return 2 if not rec.kernels_ok else (1 if rec.failures else 0)
+
+
+def compile_sections(fused: Any, rec: Recorder, device: torch.device, smoke: bool) -> None:
+    """The op compiled, a compiled training step, export, mutation analysis: each only if its
+    estimate fits in what is left, and none when the kernel checks failed."""
+    shape = (2, 16, 5, 5) if smoke else (8, 256, 14, 14)
+    sections = [("compile op", lambda: compile_check(fused, rec, device, shape)),
+                ("compile training step", lambda: training_step_check(rec, device, smoke)),
+                ("export", lambda: export_check(rec, device, smoke))]
+    for name, run in sections:
+        estimate = 5.0 if smoke else COMPILE_ESTIMATES[name]
+        if not rec.kernels_ok:
+            rec.write("skipped", what=name, reason=PLAIN_ONLY)
+        elif rec.left() < estimate:
+            rec.write("skipped", what=name, reason=f"time budget: needs about {estimate:.0f} s, "
+                                                   f"{rec.left():.0f} s left")
+        else:
+            guarded(rec, name, run)
+    torch._dynamo.reset()
+    if device.type == "cuda" and rec.kernels_ok:
         guarded(rec, "mutation analysis", mutation_analysis, rec, device)
-    if not args.no_compile and rec.left() > 90:  # inductor needs ~20-60 s for forward+backward
-        shape = (2, 16, 5, 5) if args.interpret_smoke else (8, 256, 14, 14)
-        guarded(rec, "compile", compile_check, fused, rec, device, shape)
-    elif not args.no_compile:
-        rec.write("skipped", what="compile", reason="time budget")
-    rec.write("done", failures=rec.failures, seconds_left=round(rec.left(), 1))
-    return 1 if rec.failures else 0
 
 
-def guarded(rec: Recorder, section: str, fn: Callable, *args: Any) -> None:
-    """Run one section; an exception is recorded as a failure and the run goes on."""
+def _restart_plain_only(rec: Recorder, argv: Optional[list]) -> int:
+    """Run the remaining sections in a fresh process (plain kernels only); its exit code."""
+    import subprocess
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv)]
+    if "--budget-s" in args:
+        i = args.index("--budget-s")
+        del args[i:i + 2]
+    rec.write("restart", reason="CUDA error in the kernel checks; the rest runs in a fresh process",
+              budget_s=round(rec.left(), 1))
+    rec.file.close()
+    done = subprocess.run([sys.executable, __file__, *args, "--plain-only", "--budget-s",
+                           str(max(1.0, rec.left()))])
+    return 2 if done.returncode in (0, 1, 2) else done.returncode
+
+
+def guarded(rec: Recorder, section: str, fn: Callable, *args: Any) -> Optional[str]:
+    """Run one section; an exception is recorded as a failure (and returned, as text) and the
+    run goes on."""
     try:
         fn(*args)
     except Exception as e:  # a one-shot run should report every section it can
         rec.failures += 1
-        rec.write("error", section=section, error=f"{type(e).__name__}: {e}",
-                  traceback=traceback.format_exc()[-3000:])
+        error = f"{type(e).__name__}: {e}"
+        rec.write("error", section=section, error=error, traceback=traceback.format_exc()[-3000:])
+        return error
+    return None
 
 
 def _triton_version() -> Optional[str]:

@@ -22,7 +22,7 @@ from typing import Any, Optional, Type, Union
 
 import torch
 from timm.layers import make_divisible
-from torch import fx, nn
+from torch import nn
 from torch.nn import functional as F
 
 from .errors import OptionError
@@ -53,7 +53,8 @@ OUT_ACTS = ("none", "relu", "silu")
 #: How SE blocks run: "auto" runs the fused Triton op on CUDA tensors in eager mode and plain
 #: torch ops elsewhere (under torch.compile too, where inductor fuses them itself); "plain"
 #: always runs torch ops (for debugging and comparisons); "fused" uses the fused op wherever it
-#: supports the tensors, under torch.compile too.
+#: supports the tensors, under torch.compile too. Either way only on GPUs Triton supports (compute
+#: capability 7.0, and 8.0 for bf16): ``se_inject.fused.use_fused`` decides.
 KERNELS = ("auto", "plain", "fused")
 
 _CONV_BY_DIMS: dict[int, Type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -227,31 +228,43 @@ class SEBlock(nn.Module):
 
     @torch.jit.unused
     def _fused(self, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The fused op's result, or None where the plain path runs (see :data:`KERNELS`)."""
-        if (self.kernels == "plain" or self.act_name is None or self.gate_name is None
-                or isinstance(x, fx.Proxy) or (self.kernels == "auto" and torch.compiler.is_compiling())):
+        """The fused op's result, or None where the plain path runs: ``se_inject.fused.use_fused``
+        decides (see :data:`KERNELS`). The fused package is imported on the first eager call
+        with a CUDA tensor, or before any call when the block is put on (or built on) CUDA."""
+        if not isinstance(x, torch.Tensor):  # an fx Proxy: se_inject is tracing the block
             return None
-        if _FUSED is None and not (x.is_cuda and not torch.compiler.is_compiling()):
+        fused = _FUSED
+        if fused is None:
+            if self.kernels == "plain" or not x.is_cuda or torch.compiler.is_compiling():
+                return None  # no Triton import for tensors it cannot take, nor while tracing
+            fused = _load_fused()
+        if not fused.use_fused(self.kernels, x, shortcut, self.act_name, self.gate_name, self.out_act):
             return None
-        fused = _load_fused()
-        if not fused.supports(x, shortcut, self.act_name, self.gate_name, self.out_act):
-            return None
-        out = fused.se_residual(x, shortcut, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                self.gain if self.has_gain else None, self.act_name, self.gate_name, self.out_act)
-        return out.to(x.dtype) if self.add_in_place and out.dtype != x.dtype else out
+        return fused.se_residual(x, shortcut, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                 self.gain if self.has_gain else None, self.act_name, self.gate_name, self.out_act,
+                                 in_place=self.add_in_place)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SEBlock":
         module = super()._apply(fn, recurse)
-        if self.fc1.weight.is_cuda and self.kernels != "plain":
-            _load_fused()  # before torch.compile may need it: it cannot import while tracing
+        self._load_fused_if_on_cuda()
         return module
+
+    def _load_fused_if_on_cuda(self) -> None:
+        # torch.compile cannot import while it traces, so a block that may run the fused op on CUDA
+        # imports it as soon as its parameters are on CUDA: built there, moved there, or switched
+        # to kernels that use it
+        if self.kernels != "plain" and self.fc1.weight.is_cuda:
+            _load_fused()
 
     def set_kernels_(self, kernels: str) -> "SEBlock":
         """Choose how the block runs: one of :data:`KERNELS`."""
-        if kernels not in KERNELS:
-            raise OptionError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
-        self.kernels = kernels
+        _check_kernels(kernels)
+        self._set_kernels(kernels)
         return self
+
+    def _set_kernels(self, kernels: str) -> None:
+        self.kernels = kernels
+        self._load_fused_if_on_cuda()
 
     def set_gain_(self, gain: float) -> "SEBlock":
         """Set the constant the gate is multiplied by.
@@ -371,9 +384,14 @@ def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
     >>> model[0].kernels
     'plain'
     """
-    if kernels not in KERNELS:
-        raise OptionError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
+    _check_kernels(kernels)
     for m in model.modules():
         if isinstance(m, SEBlock):
-            m.set_kernels_(kernels)
+            m._set_kernels(kernels)
     return model
+
+
+def _check_kernels(kernels: str) -> None:
+    """The one check of a ``kernels`` name (``se_inject.fused.use_fused`` trusts it)."""
+    if kernels not in KERNELS:
+        raise OptionError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")

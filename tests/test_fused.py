@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import se_inject.fused as fused
-from se_inject.fused import _common, backward, scale, squeeze
+from se_inject.fused import _common, _plan, backward, scale, squeeze
 from se_inject.fused.se_residual import se_residual_op
 from se_inject.se_block import ACT_LAYERS, GATE_LAYERS, SEBlock
 
@@ -43,6 +43,7 @@ class Case(NamedTuple):
     gate: str = "sigmoid"
     gain: Optional[float] = 2.0
     grad: str = "randn"  # randn | sum (an expanded, all-strides-0 gradient)
+    in_place: bool = False  # the add was `x += shortcut`: out keeps x's dtype
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -65,6 +66,20 @@ CASES = [
     Case("nhwc-fp16", (2, 5, 7, 3), "channels_last", dtype=F16, sc_dtype=F16),
     Case("sliced-x", (2, 5, 4, 3), "sliced", out_act="none"),
     Case("permuted-x", (2, 5, 4, 3), "permuted", sc_dtype=None, out_act="silu"),
+    # NCHW maps whose rows are not 16-element aligned (ResNet's 7x7 and 14x14): flat elementwise
+    # kernels, and reductions over aligned windows (C * S a whole number of 16-byte vectors)
+    Case("nchw-8x8-aligned-rows", (2, 6, 8, 8), out_act="silu"),  # S % 16 == 0: 2-D tiles
+    Case("nchw-7x7-bf16", (2, 16, 7, 7), dtype=BF16, sc_dtype=BF16),
+    Case("nchw-7x7-fp32-silu", (2, 8, 7, 7), out_act="silu", act="silu"),
+    Case("nchw-14x14-bf16-silu-nosc", (2, 8, 14, 14), dtype=BF16, sc_dtype=None, out_act="silu"),
+    Case("nchw-14x14-fp32-none", (3, 4, 14, 14), out_act="none", act="gelu"),
+    Case("nhwc-7x7-300ch-bf16", (1, 300, 7, 7), "channels_last", dtype=BF16, sc_dtype=BF16),
+    # an expanded (all-strides-0) gradient beside NCHW tensors: strided tiles where views differ
+    Case("sumgrad-nchw-7x7-none", (2, 8, 7, 7), sc_dtype=None, out_act="none", grad="sum"),
+    # an in-place add with a wider shortcut: the kernel stores x's dtype itself
+    Case("inplace-bf16-x-fp32-sc", (2, 16, 7, 7), dtype=BF16, sc_dtype=F32, in_place=True),
+    Case("inplace-nhwc-bf16-silu", (2, 16, 5, 5), "channels_last", dtype=BF16, sc_dtype=F32,
+         out_act="silu", in_place=True),
 ]
 
 
@@ -100,7 +115,7 @@ def run_with_grads(fn, case: Case, inputs: dict, grad_out: Optional[torch.Tensor
     """``fn(**leaves)`` and the gradients of every parameter; grads of ``out * grad_out``."""
     leaves = {k: (v.detach().requires_grad_(k in PARAMS) if v is not None else None)
               for k, v in inputs.items()}
-    out = fn(**leaves, act=case.act, gate=case.gate, out_act=case.out_act)
+    out = fn(**leaves, act=case.act, gate=case.gate, out_act=case.out_act, in_place=case.in_place)
     if grad_out is None:
         out.sum().backward()
     else:
@@ -108,8 +123,11 @@ def run_with_grads(fn, case: Case, inputs: dict, grad_out: Optional[torch.Tensor
     return out.detach(), {k: leaves[k].grad for k in PARAMS if leaves[k] is not None}
 
 
-def assert_matches(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    tol = TOL[got.dtype]
+def assert_matches(got: torch.Tensor, ref: torch.Tensor, what: str,
+                   precision: Optional[torch.dtype] = None) -> None:
+    """``got`` against the float64 reference, within the tolerance of its dtype (or of
+    ``precision``, where the maths rounded to a narrower dtype on the way)."""
+    tol = max(TOL[got.dtype], TOL[precision or got.dtype])
     ref = ref.detach().to(torch.float64)
     torch.testing.assert_close(got.to(torch.float64), ref, rtol=tol,
                                atol=tol * max(ref.abs().max().item(), 1e-30), msg=what)
@@ -125,20 +143,48 @@ def _interpret_worker(path: str) -> None:
     """Runs in the TRITON_INTERPRET=1 subprocess: the Triton path on CPU tensors, saved to path."""
     if not fused.INTERPRETED:
         raise RuntimeError("the worker must run with TRITON_INTERPRET=1 set before import")
+    launches = _record_launches()
     results = {}
     for case in CASES:
         inputs = make_inputs(case)
+        launches.clear()
         torch.manual_seed(1)
-        out_shape_dtype = scale.out_dtype(inputs["x"], inputs["shortcut"])
+        out_shape_dtype = scale.out_dtype(inputs["x"], inputs["shortcut"], case.in_place)
         grad_out = torch.randn(case.shape, dtype=out_shape_dtype) if case.grad == "randn" else None
         out, grads = run_with_grads(fused.se_residual, case, inputs, grad_out)
+        seen = dict(launches)
+        op_out, op_grads = run_with_grads(_through_the_op, case, inputs, grad_out)
         results[case.name] = {
             "supports": fused.supports(inputs["x"], inputs["shortcut"], case.act, case.gate,
                                        case.out_act),
             "inputs": inputs, "grad_out": grad_out, "out": out, "grads": grads,
+            "launches": seen, "op_out": op_out, "op_grads": op_grads,
         }
     results["launchers"] = _interpret_launchers()
     torch.save(results, path)
+
+
+def _through_the_op(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate,
+                    out_act, in_place):
+    """``torch.ops.se_inject.se_residual`` itself, with its registered autograd: the path every
+    tracer sees (eager calls of ``se_residual`` skip the dispatcher)."""
+    return se_residual_op(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gain, act, gate,
+                          out_act, in_place)[0]
+
+
+def _record_launches() -> dict:
+    """Wrap every launch of the fused modules to record {kernel: (FLAT, ALIGN)} as it runs."""
+    seen = {}
+    for module in (squeeze, scale, backward):
+        def record(kernel, programs, args, meta, _launch=module.launch):
+            name = kernel.fn.__name__.strip("_").replace("_kernel", "")
+            seen[name] = (meta.get("FLAT"), meta.get("ALIGN"))
+            if name == "scale":
+                seen["scale stores"] = args[3].dtype  # the output the kernel writes
+            _launch(kernel, programs, args, meta)
+
+        module.launch = record
+    return seen
 
 
 def _interpret_launchers() -> dict:
@@ -184,14 +230,35 @@ def test_interpreted_triton_matches_reference(interpreted, case):
     assert rec["supports"], "the Triton path did not run"
     inputs, out = rec["inputs"], rec["out"]
     ref_out, ref_grads = reference_with_grads(case, inputs, rec["grad_out"])
-    assert out.dtype == scale.out_dtype(inputs["x"], inputs["shortcut"])
+    assert out.dtype == scale.out_dtype(inputs["x"], inputs["shortcut"], case.in_place)
+    if case.in_place:
+        assert out.dtype == inputs["x"].dtype
     assert_matches(out, ref_out, "out")
     for name, grad in rec["grads"].items():
         assert grad.dtype == inputs[name].dtype, name
-        assert_matches(grad, ref_grads[name], f"grad of {name}")
+        # the shortcut's gradient is dz, in the output's dtype (bf16 for an in-place add)
+        assert_matches(grad, ref_grads[name], f"grad of {name}", out.dtype if name == "shortcut" else None)
     if case.layout in ("contiguous", "channels_last"):
         assert out.stride() == inputs["x"].stride()
         assert rec["grads"]["x"].stride() == inputs["x"].stride()
+    # the registered op (what compile and export run) computes exactly what the eager path does
+    torch.testing.assert_close(rec["op_out"], out, rtol=0, atol=0)
+    for name, grad in rec["grads"].items():
+        torch.testing.assert_close(rec["op_grads"][name], grad, rtol=0, atol=0, msg=name)
+    if case.name.startswith(("nchw-7x7", "nchw-14x14", "inplace-bf16")):
+        # the NCHW paths ran: flat elementwise kernels, aligned windows in the reductions
+        vec = 16 // inputs["x"].element_size()
+        assert rec["launches"] == {"scale": (True, None), "input_grad": (True, None),
+                                   "squeeze": (None, vec), "gate_grad": (None, vec),
+                                   "scale stores": out.dtype}
+    if case.name == "nchw-8x8-aligned-rows":  # aligned rows vectorise in the strided tiles
+        assert rec["launches"] == {"scale": (False, None), "squeeze": (None, 1), "gate_grad": (None, 1),
+                                   "input_grad": (False, None), "scale stores": torch.float32}
+    if case.name == "sumgrad-nchw-7x7-none":  # the backward reads the expanded gradient: strided
+        assert rec["launches"] == {"scale": (True, None), "squeeze": (None, 4), "gate_grad": (None, 1),
+                                   "input_grad": (False, None), "scale stores": torch.float32}
+    if case.in_place:  # x's dtype stored by the kernel itself, not an fp32 result cast afterwards
+        assert rec["launches"]["scale stores"] == inputs["x"].dtype
 
 
 def test_interpreted_squeeze_splits_and_scale_op(interpreted):
@@ -237,15 +304,18 @@ GRADCHECK = [("relu", "sigmoid", "relu", True), ("silu", "hard_sigmoid", "silu",
 
 
 @pytest.mark.parametrize("act,gate,out_act,with_sc", GRADCHECK)
-def test_gradcheck_float64(act, gate, out_act, with_sc):
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_gradcheck_float64(act, gate, out_act, with_sc, path):
+    """Both ways in: the eager autograd Function and the registered op's autograd formula."""
     case = Case("gc", (2, 4, 3, 3), dtype=torch.float64,
                 sc_dtype=torch.float64 if with_sc else None)
     inputs = {k: (v.double() if v is not None else None) for k, v in make_inputs(case).items()}
     names = [k for k in PARAMS if inputs[k] is not None]
+    call = fused.se_residual if path == "eager" else _through_the_op
 
     def fn(*tensors):
         kw = {**inputs, **dict(zip(names, tensors))}
-        return fused.se_residual(**kw, act=act, gate=gate, out_act=out_act)
+        return call(**kw, act=act, gate=gate, out_act=out_act, in_place=False)
 
     leaves = [inputs[k].clone().requires_grad_() for k in names]
     assert torch.autograd.gradcheck(fn, leaves)
@@ -261,6 +331,28 @@ def test_gradcheck_float64_squeeze_and_scale_ops():
     for out_act in ("none", "relu", "silu"):
         assert torch.autograd.gradcheck(
             lambda a, b, c: scale.scale_residual_act(a, b, c, out_act), (x, g, sc))
+
+
+def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op(monkeypatch):
+    """A plain eager call runs the op's body without the custom-op layers; under a
+    torch-function mode, a dispatch mode (fake tensors, make_fx, export) the op itself runs."""
+    import importlib
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    module = importlib.import_module("se_inject.fused.se_residual")
+    calls, real = [], module.se_residual_op
+    monkeypatch.setattr(module, "se_residual_op", lambda *args: calls.append(1) or real(*args))
+    inputs = make_inputs(CASES[0])
+    names = {"act": "relu", "gate": "sigmoid", "out_act": "relu"}
+    want = fused.se_residual(**inputs, **names)
+    assert calls == []
+    with torch.device("cpu"):
+        torch.testing.assert_close(fused.se_residual(**inputs, **names), want, rtol=0, atol=0)
+    assert calls == [1]
+    gm = make_fx(lambda x, sc: fused.se_residual(x, sc, *list(inputs.values())[2:], **names))(
+        inputs["x"], inputs["shortcut"])
+    assert calls == [1, 1] and SE_OP in _targets(gm)
 
 
 def test_second_output_is_the_squeeze_and_its_gradient_flows():
@@ -328,6 +420,89 @@ def test_supports_checks_names_dtypes_and_dims():
         assert not fused.supports(xc, xc[:, :, :2], "relu", "sigmoid", "relu")
 
 
+# ---- where the kernels run: the one decision and the GPU's capability -------------------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend a CUDA GPU of a given compute capability is present (None: CUDA unavailable, as
+    for fake CUDA tensors on this machine, where any GPU is assumed); returns the setter."""
+    def set_capability(cap: Optional[tuple]) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cap is not None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+        _common.device_supported.cache_clear()
+
+    yield set_capability
+    _common.device_supported.cache_clear()
+
+
+def _fake_cuda(*shape, dtype=torch.float32):
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        return torch.empty(shape, device="cuda", dtype=dtype)
+
+
+def _ops_run_by(module: nn.Module, *args) -> set:
+    """The se_inject ops a (fake-CUDA) call of ``module`` runs, traced by make_fx."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(module, tracing_mode="fake")(*args)
+    return {str(n.target) for n in gm.graph.nodes if "se_inject" in str(n.target)}
+
+
+@pytest.mark.parametrize("cap,dtype,want", [
+    ((6, 1), torch.float32, False), ((6, 1), torch.float16, False),
+    ((7, 0), torch.float32, True), ((7, 5), torch.float16, True),
+    ((7, 5), torch.bfloat16, False), ((8, 0), torch.bfloat16, True), ((9, 0), torch.bfloat16, True),
+])
+def test_the_gpu_capability_decides_whether_the_kernels_run(fake_gpu, cap, dtype, want):
+    """Below Triton's minimum (7.0) nothing runs the kernels; bf16 needs Ampere (8.0)."""
+    pytest.importorskip("triton")
+    fake_gpu(cap)
+    x = _fake_cuda(2, 16, 5, 5, dtype=dtype)
+    assert fused.supports(x, None, "relu", "sigmoid", "relu") is want
+    assert fused.use_fused("auto", x, None, "relu", "sigmoid", "relu") is want
+
+
+@pytest.mark.parametrize("x_dtype,sc_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_a_bf16_shortcut_or_branch_on_a_turing_gpu_takes_the_plain_path(fake_gpu, x_dtype, sc_dtype):
+    pytest.importorskip("triton")
+    fake_gpu((7, 5))
+    x, sc = _fake_cuda(2, 16, 5, 5, dtype=x_dtype), _fake_cuda(2, 16, 5, 5, dtype=sc_dtype)
+    assert not fused.supports(x, sc, "relu", "sigmoid", "relu")
+    assert fused.supports(x.float(), sc.float(), "relu", "sigmoid", "relu")
+
+
+def test_a_block_on_a_pascal_gpu_runs_plain_torch_ops_even_with_fused_kernels(fake_gpu):
+    """Capability 6.1 (a GTX 1080): the block's forward never reaches Triton, whatever kernels."""
+    from se_inject import SEResidual
+
+    pytest.importorskip("triton")
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        se = SEResidual(16, out_act="relu", kernels="fused", device="cuda")
+        x = torch.empty(2, 16, 5, 5, device="cuda")
+    fake_gpu((6, 1))
+    assert _ops_run_by(se, x, x) == set()
+    fake_gpu(None)  # planning the launches would ask a real GPU for its size
+    assert _ops_run_by(se, x, x) == {"se_inject.se_residual.default"}
+
+
+@pytest.mark.parametrize("kernels,compiling,cuda,want", [
+    ("plain", False, True, False), ("plain", True, True, False),
+    ("auto", False, True, True), ("auto", True, True, False),
+    ("fused", False, True, True), ("fused", True, True, True),
+    ("auto", False, False, False), ("fused", False, False, False), ("fused", True, False, False),
+    ("bogus", False, True, False),
+])
+def test_use_fused_is_the_decision_table(monkeypatch, kernels, compiling, cuda, want):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    x = _fake_cuda(2, 16, 5, 5) if cuda else torch.randn(2, 16, 5, 5)
+    assert fused.use_fused(kernels, x, None, "relu", "sigmoid", "relu") is want
+    # unsupported names (a layer class without a registry name is None) always mean plain
+    assert not fused.use_fused(kernels, x, None, None, "sigmoid", "relu")
+    assert not fused.use_fused(kernels, x, None, "relu", "sigmoid", "gelu")
+
+
 # ---- layouts, tiles and splits ----------------------------------------------------------------
 
 
@@ -343,25 +518,90 @@ def test_supports_checks_names_dtypes_and_dims():
 ])
 def test_ncs_view_uses_strides_and_copies_only_what_does_not_collapse(make, strides, copied):
     x = make()
-    view = _common.ncs(x)
+    view = _plan.ncs(x)
     assert (view.stride_n, view.stride_c, view.stride_s) == strides
     assert (view.tensor is not x) == copied
-    out = _common.empty_ncs(x, torch.float32)
-    assert _common.collapsible(out) and out.shape == x.shape
+    out = _plan.empty_ncs(x, torch.float32)
+    assert _plan.collapsible(out) and out.shape == x.shape
 
 
 def test_tiles_follow_the_contiguous_axis_and_split_small_grids():
-    nhwc = _common.pick_tile(256, 3136, 1, 256, _common.REDUCE_ELEMS)
+    nhwc = _plan.pick_tile(256, 3136, 1, 256, _plan.REDUCE_ELEMS)
     assert (nhwc.block_c, nhwc.block_s, nhwc.c_fast) == (64, 32, True)
-    nchw = _common.pick_tile(256, 3136, 3136, 1, _common.POINTWISE_ELEMS)
+    nchw = _plan.pick_tile(256, 3136, 3136, 1, _plan.POINTWISE_ELEMS)
     assert (nchw.block_s, nchw.block_c, nchw.c_fast) == (1024, 4, False)
-    tiny = _common.pick_tile(3, 5, 5, 1, _common.POINTWISE_ELEMS)
+    tiny = _plan.pick_tile(3, 5, 5, 1, _plan.POINTWISE_ELEMS)
     assert (tiny.block_s, tiny.block_c) == (8, 4)
     # splits only when N x channel blocks are too few programs, of at least 2 tiles each
-    assert _common.num_splits(rows=256 * 4, s_tiles=98, target=528) == 1
-    assert _common.num_splits(rows=4, s_tiles=98, target=528) == 49  # >= 2 tiles per split
-    assert _common.num_splits(rows=32, s_tiles=2, target=528) == 1
-    assert _common.num_splits(rows=1, s_tiles=1000, target=528) == 500
+    assert _plan.num_splits(rows=256 * 4, s_tiles=98, target=528) == 1
+    assert _plan.num_splits(rows=4, s_tiles=98, target=528) == 49  # >= 2 tiles per split
+    assert _plan.num_splits(rows=32, s_tiles=2, target=528) == 1
+    assert _plan.num_splits(rows=1, s_tiles=1000, target=528) == 500
+
+
+RESNET_STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
+
+
+def test_launch_settings_follow_the_written_out_rules():
+    """num_warps by tile size (Liger's rule: 8 from 2048 elements), tiles that fill the GPU."""
+    assert [_plan.pointwise_warps(n) for n in (4096, 2048, 1024, 512, 256)] == [8, 4, 2, 1, 1]
+    # flat NCHW: 4096 elements per program at batch 256, halved until an H100 (528) fills
+    assert _plan.flat_block(256, 2048 * 49, target=528) == 4096
+    assert _plan.flat_block(1, 2048 * 49, target=528) == 256
+    assert _plan.flat_block(1, 256 * 3136, target=528) == 1024
+    # reductions: channels_last small maps take 8 positions x 256 channels, large ones 32 x 64
+    for (C, side), want in zip(RESNET_STAGES, [(32, 64), (32, 64), (8, 256), (8, 256)]):
+        tile, warps = _plan.reduction_tile(C, side * side, 1, C)
+        assert ((tile.block_s, tile.block_c), warps) == (want, 4)
+    # NCHW 7x7: aligned windows of 49 + 7 elements fit in 64-position rows; scalar loads take
+    # 8 warps (8 elements per thread), vectorised ones 4
+    tile, warps = _plan.reduction_tile(2048, 49, 49, 1, align=8)
+    assert ((tile.block_s, tile.block_c), warps) == ((64, 32), 4)
+    assert _plan.reduction_tile(2048, 49, 49, 1)[1] == 8
+    assert _plan.reduction_tile(256, 3136, 3136, 1)[1] == 4
+
+
+@pytest.mark.parametrize("dtype,layout,align", [
+    (torch.bfloat16, "contiguous", 8), (torch.float32, "contiguous", 4),
+    (torch.bfloat16, "channels_last", 1), (torch.float16, "sliced", 1)])
+def test_nchw_at_7x7_walks_the_flat_axis_and_aligned_windows(dtype, layout, align):
+    """Contiguous NCHW at S = 49: flat elementwise plans, reductions over aligned windows of
+    16-byte vectors; other layouts keep the strided tiles."""
+    x = _layout(torch.empty(4, 32, 7, 7, dtype=dtype), layout)
+    v = _plan.ncs(x)
+    flat = layout == "contiguous"
+    assert _plan.pointwise_plan(tuple(x.shape), (v.strides, v.strides), x.device).flat is flat
+    assert _plan.reduction_grid(x, (v, v)).align == align
+    # a shortcut in another layout makes the elementwise kernel strided again
+    other = _plan.ncs(x.contiguous(memory_format=torch.channels_last))
+    assert not _plan.pointwise_plan(tuple(x.shape), (v.strides, other.strides), x.device).flat
+    # rows of 56 x 56 = 3136 positions are 16-element aligned: 2-D tiles, vectorised as they are
+    big = _plan.ncs(torch.empty(4, 32, 56, 56, dtype=dtype))
+    assert not _plan.pointwise_plan((4, 32, 56, 56), (big.strides,) * 2, x.device).flat
+    assert _plan.reduction_grid(big.tensor, (big,)).align == 1
+
+
+def test_launch_plans_are_cached_per_shape_strides_dtype_and_device():
+    x = torch.empty(2, 64, 7, 7, dtype=torch.bfloat16)
+    v = _plan.ncs(x)
+    _plan.pointwise_plan.cache_clear()
+    first = _plan.pointwise_plan(tuple(x.shape), (v.strides,) * 3, x.device)
+    assert _plan.pointwise_plan(tuple(x.shape), (v.strides,) * 3, x.device) is first
+    assert _plan.pointwise_plan.cache_info().hits == 1
+    nhwc = _plan.ncs(x.contiguous(memory_format=torch.channels_last))
+    assert _plan.pointwise_plan(tuple(x.shape), (nhwc.strides,) * 3, x.device) is not first
+    grid = _plan.reduction_grid(x, (v,))
+    assert _plan.reduction_grid(x, (v,)) is grid
+    assert _plan.reduction_grid(x.float(), (v,)).align == 4 != grid.align  # dtype is in the key
+    # one launch plans once: a second identical call of a launcher is all cache hits
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        xc = torch.empty(2, 64, 7, 7, device="cuda", dtype=torch.bfloat16)
+        g = torch.empty(2, 64, device="cuda")
+        scale.scale_launch(xc, g, xc, "relu")
+        before = _plan.pointwise_plan.cache_info()
+        scale.scale_launch(xc, g, xc, "relu")
+        after = _plan.pointwise_plan.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
 
 
 def _trace_on_fake_cuda(fn, *shapes_and_layouts):
@@ -398,6 +638,33 @@ def test_cuda_launches_trace_as_triton_kernels_without_copies(layout, stride_c, 
         assert node is kernels[-1] or x in kwargs.values()
     copies = [n for n in gm.graph.nodes if "clone" in str(n.target) or "copy" in str(n.target)]
     assert not copies
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dynamic_spatial_sizes_reach_the_kernels_as_integers_without_guards(layout):
+    """Traced with symbolic shapes (torch.compile(dynamic=True), export with a dynamic H, W), the
+    launches take S as a SymInt (each kernel divides by it), never a SymFloat ``1 / S``, and
+    planning adds no guard, so one graph serves every map size."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    pytest.importorskip("triton")
+
+    def tail(x, sc):
+        s = squeeze.squeeze_launch(x)
+        out = scale.scale_launch(x, s, sc, "silu")
+        dg, dz = backward.gate_grad_launch(out, x, sc, None, s, "silu")
+        return backward.input_grad_launch(dz, x, s, dg)
+
+    x = _layout(torch.randn(2, 16, 7, 7), layout)
+    gm = make_fx(tail, tracing_mode="symbolic")(x, x.clone())
+    kernels = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(kernels) == 4
+    for node in kernels:
+        values = {k: (v.meta["val"] if isinstance(v, torch.fx.Node) else v)
+                  for k, v in node.kwargs["kwargs"].items()}
+        assert isinstance(values["S"], torch.SymInt)
+        assert not [k for k, v in values.items() if isinstance(v, (float, torch.SymFloat))]
+    assert gm.shape_env.guards == []
 
 
 # ---- torch.compile and torch.export ------------------------------------------------------------

@@ -134,3 +134,38 @@ def test_the_compiled_tail_matches_eager(add_in_place, out_act):
         assert dsc.dtype == cdsc.dtype == dtype
         for a, b in ((eager, comp), (dx, cdx), (dsc, cdsc)):
             torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
+_BUILT_ON_CUDA = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from se_inject import SEResidual, se_block
+
+def ops_compiled(se, x):
+    graphs = []
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+    torch._dynamo.reset()
+    torch.compile(se, backend=backend, fullgraph=True)(x, x)
+    return [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+
+with FakeTensorMode():  # CUDA tensors without a GPU: compiled, never run
+    x = torch.empty(2, 16, 5, 5, device="cuda")
+    fused = SEResidual(16, out_act="relu", kernels="fused", device="cuda")
+    auto = SEResidual(16, out_act="relu", device="cuda")
+    print(repr((se_block._FUSED is not None, ops_compiled(fused, x), ops_compiled(auto, x))))
+"""
+
+
+def test_a_block_built_on_cuda_runs_the_fused_op_when_its_first_call_is_compiled():
+    """No ``.to()`` (so ``_apply`` never ran) and a compiled first call: the fused package must be
+    imported before dynamo traces (it cannot import while tracing), or "fused" silently runs
+    plain ops. "auto" runs the plain ops under compile, as documented."""
+    pytest.importorskip("triton")
+    done = python(_BUILT_ON_CUDA)
+    assert done.returncode == 0, done.stderr[-4000:]
+    loaded, fused_ops, auto_ops = eval(done.stdout.strip().splitlines()[-1])
+    assert loaded
+    assert fused_ops == ["se_inject.se_residual.default", "<built-in function getitem>"]
+    assert not [op for op in auto_ops if "se_inject" in op] and "<built-in function linear>" in auto_ops

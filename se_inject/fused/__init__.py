@@ -10,16 +10,20 @@ measurements this follows).
 * :func:`se_residual`: the fused op ``se_inject::se_residual`` (Triton on CUDA, torch ops elsewhere;
   one ``torch.ops.se_inject.se_residual`` node under torch.compile and torch.export).
 * :func:`se_residual_reference`: the same maths in plain torch ops; the CPU path and test oracle.
-* :func:`supports`: whether :func:`se_residual` would run its Triton kernels.
+* :func:`use_fused`: the one decision between the Triton kernels and plain torch ops (the
+  ``kernels`` mode, torch.compile, names, tensors and the GPU's capability);
+  :func:`supports` is ``use_fused("fused", ...)``.
 
 Files, one fused op each: ``squeeze.py`` (``se_inject::squeeze_mean``), ``scale.py``
 (``se_inject::scale_residual_act``), ``backward.py`` (its two backward passes), ``se_residual.py``
-(the whole tail), ``mlp.py`` (the excitation MLP and its written-out backward), ``_common.py``.
+(the whole tail), ``mlp.py`` (the excitation MLP and its written-out backward), ``_common.py``
+(Triton, where the kernels run, shared program ids, the one launch function) and ``_plan.py``
+(tiles, ``num_warps`` and grids from shapes, strides, dtypes and the device, cached).
 """
 
 from ._common import HAS_TRITON, INTERPRETED, OUT_ACTS
 from .mlp import ACTS, GATES
-from .se_residual import se_residual, se_residual_reference, supports
+from .se_residual import se_residual, se_residual_reference, supports, use_fused
 
-__all__ = ["se_residual", "se_residual_reference", "supports", "ACTS", "GATES", "OUT_ACTS",
-           "HAS_TRITON", "INTERPRETED"]
+__all__ = ["se_residual", "se_residual_reference", "supports", "use_fused", "ACTS", "GATES",
+           "OUT_ACTS", "HAS_TRITON", "INTERPRETED"]

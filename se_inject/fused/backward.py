@@ -19,72 +19,79 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import wrap_triton
 
 from ._common import (
-    INTERPRETED, POINTWISE_ELEMS, cdiv, check_out_act, empty_ncs, ncs, pick_tile, reduction_grid,
-    register_op, split_ids, tensors_supported, tile_ids, tl, triton,
+    at, check_out_act, launch, per_channel, pointwise_ids, reduction_rows, register_op, split_ids,
+    tensors_supported, tl, triton,
 )
+from ._plan import as_fp32, empty_ncs, ncs, pointwise_plan, reduction_grid
 
-__all__ = ["gate_grad", "gate_grad_launch", "gate_grad_reference", "input_grad",
-           "input_grad_launch", "input_grad_reference"]
+__all__ = ["gate_grad", "compute_gate_grad", "gate_grad_launch", "gate_grad_reference", "input_grad",
+           "compute_input_grad", "input_grad_launch", "input_grad_reference"]
 
 
 @triton.jit
 def _gate_grad_kernel(dout_ptr, x_ptr, sc_ptr, out_ptr, g_ptr, dz_ptr, dg_ptr,
-                      N, C, S, s_per_split, n_cblocks, splits,
+                      N, C, S, CS, s_per_split, n_cblocks, splits,
                       sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs, son, soc, sos, szn, szc, szs,
                       HAS_SC: tl.constexpr, OUT_ACT: tl.constexpr, STORE_DZ: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """K1: dg[split, n, c] = sum of dz * x over split's positions; optionally stores dz."""
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr):
+    """K1: dg[split, n, c] = sum of dz * x over split's positions; optionally stores dz.
+
+    ALIGN > 1 (see reduction_rows): the loads are whole aligned windows, and dz is stored for
+    every element loaded, a window's edges too: those belong to the neighbouring channel, whose
+    row (or program) stores the same value there, computed from the same inputs.
+    """
     n, split, offs_c, mask_c, s_lo, s_hi = split_ids(tl.program_id(0), n_cblocks, splits, s_per_split, C, S,
                                                      BLOCK_C)
     n64 = n.to(tl.int64)
-    gate = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    gate = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)[None, :]  # per channel (strided)
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        offs_s = (s0 + tl.arange(0, BLOCK_S))[:, None]
-        mask = (offs_s < s_hi) & mask_c[None, :]
-        cols = offs_c[None, :]
-        dz = tl.load(dout_ptr + n64 * sdn + offs_s * sds + cols * sdc, mask=mask, other=0.0)
+    for step in range(0, s_hi - s_lo + ALIGN - 1, BLOCK_S):
+        rows, load, keep = reduction_rows(step, offs_c, mask_c, s_lo, s_hi, S, CS, BLOCK_S, ALIGN)
+        dz = tl.load(dout_ptr + n64 * sdn + at(rows, offs_c, sds, sdc, ALIGN > 1), mask=load, other=0.0)
         dz = dz.to(tl.float32)
-        x = tl.load(x_ptr + n64 * sxn + offs_s * sxs + cols * sxc, mask=mask, other=0.0)
+        x = tl.load(x_ptr + n64 * sxn + at(rows, offs_c, sxs, sxc, ALIGN > 1), mask=load, other=0.0)
         x = x.to(tl.float32)
         if OUT_ACT == 1:
-            out = tl.load(out_ptr + n64 * son + offs_s * sos + cols * soc, mask=mask, other=0.0)
+            out = tl.load(out_ptr + n64 * son + at(rows, offs_c, sos, soc, ALIGN > 1), mask=load, other=0.0)
             dz = tl.where(out.to(tl.float32) > 0.0, dz, 0.0)
         elif OUT_ACT == 2:
-            z = x * gate[None, :]
+            if ALIGN > 1:  # each element's own channel, the window's edges included
+                z = x * tl.load(g_ptr + n * C + rows // S, mask=load, other=0.0)
+            else:
+                z = x * gate
             if HAS_SC:
-                sc = tl.load(sc_ptr + n64 * srn + offs_s * srs + cols * src, mask=mask, other=0.0)
+                sc = tl.load(sc_ptr + n64 * srn + at(rows, offs_c, srs, src, ALIGN > 1), mask=load, other=0.0)
                 z += sc.to(tl.float32)
             sig = tl.sigmoid(z)
             dz = dz * sig * (1.0 + z * (1.0 - sig))
         if STORE_DZ:
-            dz_ptrs = dz_ptr + n64 * szn + offs_s * szs + cols * szc
-            tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            dz_ptrs = dz_ptr + n64 * szn + at(rows, offs_c, szs, szc, ALIGN > 1)
+            tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=load)
+        if ALIGN > 1:  # a window's edges belong to the neighbouring channels
+            dz = tl.where(keep, dz, 0.0)
         acc += dz * x
     tl.store(dg_ptr + (split * N + n) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
 
 
 @triton.jit
-def _input_grad_kernel(dz_ptr, g_ptr, ds_ptr, dx_ptr, C, S, n_cblocks, n_sblocks, inv_s,
-                       szn, szc, szs, sxn, sxc, sxs, HAS_DS: tl.constexpr,
-                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, C_FAST: tl.constexpr):
-    """K2: dx = dz * g[n, c] + ds[n, c] * inv_s on one (BLOCK_S, BLOCK_C) tile."""
-    n, cb, sb = tile_ids(tl.program_id(0), n_cblocks, n_sblocks, C_FAST)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_s = (sb * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]
-    mask_c = offs_c < C
-    mask = (offs_s < S) & mask_c[None, :]
+def _input_grad_kernel(dz_ptr, g_ptr, ds_ptr, dx_ptr, C, S, n_cblocks, n_sblocks,
+                       sxn, sxc, sxs, szn, szc, szs, HAS_DS: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, C_FAST: tl.constexpr,
+                       FLAT: tl.constexpr):
+    """K2: dx = dz * g[n, c] + ds[n, c] / S on one tile (see pointwise_ids); S is an integer."""
+    n, rows, chans, mask, cmask = pointwise_ids(tl.program_id(0), C, S, n_cblocks, n_sblocks,
+                                                BLOCK_S, BLOCK_C, C_FAST, FLAT)
     n64 = n.to(tl.int64)
-    gate = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-    dz = tl.load(dz_ptr + n64 * szn + offs_s * szs + offs_c[None, :] * szc, mask=mask)
-    dx = dz.to(tl.float32) * gate[None, :]
+    gate = tl.load(g_ptr + n * C + chans, mask=cmask, other=0.0)
+    if HAS_DS:  # dx = dz * g + ds / S, the per-channel parts combined before the broadcast
+        shift = per_channel(tl.load(ds_ptr + n * C + chans, mask=cmask, other=0.0) * (1.0 / S), FLAT)
+    dz = tl.load(dz_ptr + n64 * szn + at(rows, chans, szs, szc, FLAT), mask=mask)
+    dx = dz.to(tl.float32) * per_channel(gate, FLAT)
     if HAS_DS:
-        ds = tl.load(ds_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-        dx += (ds * inv_s)[None, :]
-    dx_ptrs = dx_ptr + n64 * sxn + offs_s * sxs + offs_c[None, :] * sxc
+        dx += shift
+    dx_ptrs = dx_ptr + n64 * sxn + at(rows, chans, sxs, sxc, FLAT)
     tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -101,57 +108,55 @@ def gate_grad_launch(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], ou
     vr = ncs(shortcut) if shortcut is not None and code == 2 else vx
     vo = ncs(out) if code == 1 else vx
     vz = ncs(dz) if store_dz else vx
-    grid = reduction_grid(x, vx, splits)
+    grid = reduction_grid(x, (vx, vd, vr, vo, vz), splits)
     dg = grid.partial(x.device)
-    kernel = _gate_grad_kernel if INTERPRETED else wrap_triton(_gate_grad_kernel)
-    kernel[(grid.programs,)](
-        vd.tensor, vx.tensor, vr.tensor, vo.tensor, g.to(torch.float32).contiguous(),
-        vz.tensor if store_dz else vx.tensor, dg, grid.N, grid.C, grid.S, grid.s_per_split,
-        grid.n_cblocks, grid.splits, vd.stride_n, vd.stride_c, vd.stride_s, vx.stride_n, vx.stride_c,
-        vx.stride_s, vr.stride_n, vr.stride_c, vr.stride_s, vo.stride_n, vo.stride_c,
-        vo.stride_s, vz.stride_n, vz.stride_c, vz.stride_s,
-        HAS_SC=shortcut is not None, OUT_ACT=code, STORE_DZ=store_dz,
-        BLOCK_S=grid.tile.block_s, BLOCK_C=grid.tile.block_c,
-    )
-    return (dg if grid.splits == 1 else dg.sum(0)), dz
+    launch(_gate_grad_kernel, grid.programs,
+           (vd.tensor, vx.tensor, vr.tensor, vo.tensor, as_fp32(g), vz.tensor if store_dz else vx.tensor,
+            dg, grid.N, grid.C, grid.S, grid.C * grid.S, grid.s_per_split, grid.n_cblocks, grid.splits,
+            *vd.strides, *vx.strides, *vr.strides, *vo.strides, *vz.strides),
+           {"HAS_SC": shortcut is not None, "OUT_ACT": code, "STORE_DZ": store_dz,
+            "BLOCK_S": grid.tile.block_s, "BLOCK_C": grid.tile.block_c, "ALIGN": grid.align,
+            "num_warps": grid.num_warps})
+    return grid.total(dg), dz
 
 
 def input_grad_launch(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
     """K2 by Triton: ``dz * g[n, c] (+ ds[n, c] / S)`` in x's dtype and layout."""
     dx = empty_ncs(x, x.dtype)
     vz, vx = ncs(dz), ncs(dx)
-    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    tile = pick_tile(C, S, vx.stride_c, vx.stride_s, POINTWISE_ELEMS)
-    n_cblocks, n_sblocks = cdiv(C, tile.block_c), cdiv(S, tile.block_s)
-    g = g.to(torch.float32).contiguous()
-    ds_arg = ds.to(torch.float32).contiguous() if ds is not None else g
-    kernel = _input_grad_kernel if INTERPRETED else wrap_triton(_input_grad_kernel)
-    kernel[(N * n_cblocks * n_sblocks,)](
-        vz.tensor, g, ds_arg, dx, C, S, n_cblocks, n_sblocks, 1.0 / S,
-        vz.stride_n, vz.stride_c, vz.stride_s, vx.stride_n, vx.stride_c, vx.stride_s,
-        HAS_DS=ds is not None, BLOCK_S=tile.block_s, BLOCK_C=tile.block_c, C_FAST=tile.c_fast,
-    )
+    plan = pointwise_plan(tuple(x.shape), (vx.strides, vz.strides), x.device)
+    g = as_fp32(g)
+    launch(_input_grad_kernel, plan.programs,
+           (vz.tensor, g, as_fp32(ds) if ds is not None else g, dx, *plan.args),
+           {"HAS_DS": ds is not None, **plan.meta})
     return dx
 
 
-@register_op("se_inject::scale_residual_act_grad_gate")
-def gate_grad(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], out: Optional[Tensor],
-              g: Tensor, out_act: str) -> tuple[Tensor, Tensor]:
+def compute_gate_grad(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], out: Optional[Tensor],
+                      g: Tensor, out_act: str) -> tuple[Tensor, Tensor]:
     """K1: ``(dg, dz)`` with dg = sum over positions of dz * x, fp32 (N, C); dz = dL/dz, like
     x in grad_out's dtype, or empty when ``out_act`` is ``"none"`` (dz is then grad_out).
-    ``out`` is needed for relu, ``shortcut`` (if any) for silu. No double backward."""
+    ``out`` is needed for relu, ``shortcut`` (if any) for silu. Triton where the tensors allow,
+    :func:`gate_grad_reference` elsewhere; the body of the op :data:`gate_grad`, which the
+    backward formulas call directly (under tracing its kernels are recorded all the same)."""
     if tensors_supported(x, shortcut) and tensors_supported(grad_out, out):
         return gate_grad_launch(grad_out, x, shortcut, out, g, out_act)
     return gate_grad_reference(grad_out, x, shortcut, out, g, out_act)
 
 
-@register_op("se_inject::scale_residual_act_grad_input")
-def input_grad(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
+def compute_input_grad(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
     """K2: ``dx = dz * g[n, c] + ds[n, c] / S`` in x's dtype and layout (x's values are not
-    read). No double backward."""
+    read); the body of the op :data:`input_grad`."""
     if tensors_supported(x, dz):
         return input_grad_launch(dz, x, g, ds)
     return input_grad_reference(dz, x, g, ds)
+
+
+#: ``se_inject::scale_residual_act_grad_gate``, :func:`compute_gate_grad` as an op. No double
+#: backward.
+gate_grad = register_op("se_inject::scale_residual_act_grad_gate")(compute_gate_grad)
+#: ``se_inject::scale_residual_act_grad_input``, :func:`compute_input_grad` as an op.
+input_grad = register_op("se_inject::scale_residual_act_grad_input")(compute_input_grad)
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:

@@ -77,9 +77,15 @@ class MLPGrads(NamedTuple):
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if torch.amp.is_autocast_available(device.type):
+    """Autocast switched off for ``device``, where it is on (entering a disabled autocast costs
+    microseconds per call, a large part of a batch-1 forward)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def mlp_forward(s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
@@ -95,11 +101,11 @@ def mlp_forward(s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Ten
     """
     dt = s.dtype
     with _no_autocast(s.device):
-        pre_act = F.linear(s, fc1_weight.flatten(1).to(dt), fc1_bias.to(dt))
+        pre_act = F.linear(s, _as(fc1_weight.flatten(1), dt), _as(fc1_bias, dt))
         hidden = ACTS[act](pre_act)
-        pre_gate = F.linear(hidden, fc2_weight.flatten(1).to(dt), fc2_bias.to(dt))
+        pre_gate = F.linear(hidden, _as(fc2_weight.flatten(1), dt), _as(fc2_bias, dt))
         gated = GATES[gate](pre_gate)
-        g = gated * gain.to(dt) if gain is not None else gated
+        g = gated * _as(gain, dt) if gain is not None else gated
     return MLPState(s, pre_act, hidden, pre_gate, gated, g)
 
 
@@ -109,18 +115,18 @@ def mlp_backward(dg: Tensor, st: MLPState, fc1_weight: Tensor, fc1_bias: Tensor,
     """Backpropagate ``dg`` (dL/dg, (N, C)) through :func:`mlp_forward`, op by op."""
     dt = st.s.dtype
     with _no_autocast(st.s.device):
-        dgated = dg.to(dt) * gain.to(dt) if gain is not None else dg.to(dt)
+        dgated = _as(dg, dt) * _as(gain, dt) if gain is not None else _as(dg, dt)
         dpre_gate = _GATE_BACKWARD[gate](dgated, st.pre_gate, st.gate)
         dw2 = dpre_gate.t().mm(st.hidden)
-        dhidden = dpre_gate.mm(fc2_weight.flatten(1).to(dt))
+        dhidden = dpre_gate.mm(_as(fc2_weight.flatten(1), dt))
         dpre_act = _ACT_BACKWARD[act](dhidden, st.pre_act, st.hidden)
         dw1 = dpre_act.t().mm(st.s)
-        ds = dpre_act.mm(fc1_weight.flatten(1).to(dt))
+        ds = dpre_act.mm(_as(fc1_weight.flatten(1), dt))
         db1, db2 = dpre_act.sum(0), dpre_gate.sum(0)
     return MLPGrads(
         s=ds,
-        fc1_weight=dw1.reshape(fc1_weight.shape).to(fc1_weight.dtype),
-        fc1_bias=db1.to(fc1_bias.dtype),
-        fc2_weight=dw2.reshape(fc2_weight.shape).to(fc2_weight.dtype),
-        fc2_bias=db2.to(fc2_bias.dtype),
+        fc1_weight=_as(dw1.reshape(fc1_weight.shape), fc1_weight.dtype),
+        fc1_bias=_as(db1, fc1_bias.dtype),
+        fc2_weight=_as(dw2.reshape(fc2_weight.shape), fc2_weight.dtype),
+        fc2_bias=_as(db2, fc2_bias.dtype),
     )

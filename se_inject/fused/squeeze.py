@@ -14,27 +14,32 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import wrap_triton
 
-from ._common import INTERPRETED, ncs, reduction_grid, register_op, split_ids, tensors_supported, tl, triton
+from ._common import at, launch, reduction_rows, register_op, split_ids, tensors_supported, tl, triton
+from ._plan import ncs, reduction_grid
 
 __all__ = ["squeeze", "squeeze_launch", "squeeze_mean", "squeeze_mean_reference"]
 
 
 @triton.jit
-def _squeeze_kernel(x_ptr, out_ptr, N, C, S, stride_n, stride_c, stride_s, s_per_split, scale,
-                    n_cblocks, splits, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[split, n, c] = scale * sum of x[n, c, s] over split's positions, in fp32."""
+def _squeeze_kernel(x_ptr, out_ptr, N, C, S, CS, stride_n, stride_c, stride_s, s_per_split,
+                    n_cblocks, splits, MEAN: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ALIGN: tl.constexpr):
+    """out[split, n, c] = sum of x[n, c, s] over split's positions, in fp32, divided by the
+    integer S when MEAN; ALIGN: see reduction_rows."""
     n, split, offs_c, mask_c, s_lo, s_hi = split_ids(tl.program_id(0), n_cblocks, splits, s_per_split, C, S,
                                                      BLOCK_C)
     base = x_ptr + n.to(tl.int64) * stride_n
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < s_hi)[:, None] & mask_c[None, :]
-        ptrs = base + offs_s[:, None] * stride_s + offs_c[None, :] * stride_c
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    total = tl.sum(acc, axis=0) * scale
+    for step in range(0, s_hi - s_lo + ALIGN - 1, BLOCK_S):
+        rows, load, keep = reduction_rows(step, offs_c, mask_c, s_lo, s_hi, S, CS, BLOCK_S, ALIGN)
+        x = tl.load(base + at(rows, offs_c, stride_s, stride_c, ALIGN > 1), mask=load, other=0.0)
+        if ALIGN > 1:  # a window's edges belong to the neighbouring channels
+            x = tl.where(keep, x, 0.0)
+        acc += x.to(tl.float32)
+    total = tl.sum(acc, axis=0)
+    if MEAN:
+        total = total / S
     tl.store(out_ptr + (split * N + n) * C + offs_c, total, mask=mask_c)
 
 
@@ -45,15 +50,14 @@ def squeeze_launch(x: Tensor, *, mean: bool = True, splits: Optional[int] = None
     :func:`~se_inject.fused._common.num_splits` picks it from the device's size.
     """
     v = ncs(x)
-    grid = reduction_grid(x, v, splits)
+    grid = reduction_grid(x, (v,), splits)
     partial = grid.partial(x.device)
-    kernel = _squeeze_kernel if INTERPRETED else wrap_triton(_squeeze_kernel)
-    kernel[(grid.programs,)](
-        v.tensor, partial, grid.N, grid.C, grid.S, v.stride_n, v.stride_c, v.stride_s,
-        grid.s_per_split, 1.0 / grid.S if mean else 1.0, grid.n_cblocks, grid.splits,
-        BLOCK_S=grid.tile.block_s, BLOCK_C=grid.tile.block_c,
-    )
-    return partial if grid.splits == 1 else partial.sum(0)
+    launch(_squeeze_kernel, grid.programs,
+           (v.tensor, partial, grid.N, grid.C, grid.S, grid.C * grid.S, *v.strides, grid.s_per_split,
+            grid.n_cblocks, grid.splits),
+           {"MEAN": mean, "BLOCK_S": grid.tile.block_s, "BLOCK_C": grid.tile.block_c,
+            "ALIGN": grid.align, "num_warps": grid.num_warps})
+    return grid.total(partial)
 
 
 def squeeze(x: Tensor, use_triton: bool) -> Tensor:
