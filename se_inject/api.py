@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from . import hf
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
@@ -78,9 +79,24 @@ def _check_model(model: Any) -> None:
 
 
 def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
-    """The example inputs must fit the model's forward and be real tensors."""
-    if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
+    """The example inputs must fit the model's forward and be real, non-empty tensors.
+
+    Every check se_inject makes compares outputs on the example input (the traced graph against
+    the model, each rewritten block against its module), and on a tensor with no elements (a
+    batch of 0, a 0x0 image) each comparison would pass whatever the graphs compute: such an
+    input is refused. A batch of 1 (the default) is enough: the analysis runs in eval mode only
+    (train mode is traced, never run), so BatchNorm's "more than 1 value per channel" rule for
+    training never applies to the example.
+    """
+    leaves = [x for x in tree_flatten(list(inputs))[0] if isinstance(x, torch.Tensor)]
+    if any(x.is_meta for x in leaves):
         raise ExampleInputError("example_inputs are on the meta device; pass real tensors (e.g. torch.randn(...)).")
+    empty = next((x for x in leaves if x.numel() == 0), None)
+    if empty is not None:
+        raise ExampleInputError(
+            f"example_inputs holds a tensor of shape {tuple(empty.shape)}, which has no elements: every output "
+            f"se_inject compares to verify {type(model).__name__} would then match whatever it computes. Pass "
+            f"a non-empty example (e.g. a batch of 1 or 2 of the model's input size).")
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):

@@ -346,6 +346,52 @@ def test_a_wrong_example_input_names_the_model_and_the_fix():
         se_inject.apply(model)
 
 
+class AliasingSumBlock(nn.Module):
+    """``out += x`` on an alias of ``out``: fx records a plain add (pytorch issue 68301), so the
+    traced graph computes something else, which only an output comparison can see."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        feat = out
+        out += x
+        return torch.relu(out) + feat
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 16, 16), (1, 3, 0, 0)], ids=["batch-0", "image-0x0"])
+def test_an_example_input_without_elements_is_refused_before_any_work(shape):
+    """On an empty input every output comparison passes vacuously: the block above, refused with a
+    real batch, would be installed and compute something else. It must be refused up front."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), AliasingSumBlock(), nn.Conv2d(8, 4, 1)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = se_inject.find_sites(model, example_inputs=torch.randn(1, 3, 16, 16))
+    assert not plan.sites and "unverified" in [s.reason for s in plan.skipped]
+    assert RefusedModuleWarning in [w.category for w in caught]
+    before = snapshot(model)
+    for call in (se_inject.apply, se_inject.inject, se_inject.find_sites):
+        with pytest.raises(ExampleInputError, match=rf"shape \({', '.join(map(str, shape))}\), which has no "
+                                                    rf"elements.*Pass a non-empty example"):
+            call(model, example_inputs=torch.randn(shape))
+    with pytest.raises(ExampleInputError, match="no elements"):  # inside a tuple too
+        se_inject.apply(model, example_inputs=(torch.randn(shape),))
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_a_batch_of_one_is_enough_for_a_model_with_batch_norm_in_train_mode():
+    """The analysis traces train mode but runs only eval mode, so BatchNorm's training rule (more
+    than one value per channel) never meets the default batch of 1, even at a 1x1 feature map."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResBlock(8, 8), nn.AdaptiveAvgPool2d(1),
+                          ResBlock(8, 8)).train()
+    result = se_inject.inject(model, example_inputs=torch.randn(1, 3, 8, 8))
+    assert [s.name for s in result.plan.sites] == ["1.se", "3.se"]
+    assert result.model.training and result.model[3].training
+
+
 class Untraceable(nn.Module):
     def __init__(self):
         super().__init__()
