@@ -197,6 +197,46 @@ def test_a_block_that_traces_differently_in_train_mode_is_left_alone():
     assert [(s.name, s.reason) for s in plan.skipped] == [("1:add", "train-eval-differ")]
 
 
+class DropoutArgBlock(ResBlock):
+    """The classic WideResNet block: dropout through a call argument, no ``if self.training``."""
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = nn.functional.dropout(out, p=0.3, training=self.training)
+        return self.bn2(self.conv2(out)) + x
+
+
+class FunctionalNormBlock(ResBlock):
+    """``F.batch_norm(..., self.training, ...)``: normalises with batch statistics and updates the
+    running ones in train mode only."""
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        bn = self.bn2
+        out = nn.functional.batch_norm(self.conv2(out), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                       self.training, 0.1, bn.eps)
+        return self.relu(out + x)
+
+
+@pytest.mark.parametrize("block", [DropoutArgBlock, FunctionalNormBlock])
+def test_a_training_flag_passed_as_an_argument_is_a_train_eval_difference(block):
+    """Both modes trace to the same calls; only the frozen ``training=False`` differs. The block
+    must be left alone, so that the converted model still drops out / updates its statistics."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), block(16, 16), ResBlock(16, 16)).eval()
+    result = se_inject.inject(model, example_inputs=X32, identity_init=True)
+    assert [s.name for s in result.plan.sites] == ["2.se"]
+    assert [(s.name, s.reason) for s in result.plan.skipped] == [("1:add", "train-eval-differ")]
+    assert type(result.model[1]) is block
+    original, converted = copy.deepcopy(model).train(), copy.deepcopy(result.model).train()
+    torch.manual_seed(0)
+    expected = original(X32)
+    torch.manual_seed(0)
+    torch.testing.assert_close(converted(X32), expected, rtol=1e-5, atol=1e-5)  # the same dropout mask
+    torch.testing.assert_close(converted[1].bn2.running_mean, original[1].bn2.running_mean)
+    if block is FunctionalNormBlock:
+        assert original[1].bn2.running_mean.abs().sum() > 0  # updated in train mode
+
+
 class UntraceableRoot(nn.Module):
     def __init__(self):
         super().__init__()
