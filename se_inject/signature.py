@@ -4,16 +4,19 @@ A block copied out of its scope's graph takes one input, but its module's ``forw
 more (timm's DLA blocks take ``shortcut`` and ``children``; a block may take ``scale``), and its
 parent calls it that way. The rewritten block takes every parameter the module takes. Values that
 were not tensors when the model called the block (``scale=0.5``, ``None``) are frozen into the
-traced graph, so the block checks them: called with other values it raises an ``AssertionError``
-that names the argument, instead of silently computing what the traced call computed. Tensors the
-block received besides its input are not read by its graph (else it could not be cut out), so
-any value is accepted for them.
+traced graph, so the block checks them, by type and value: called with another value, or with a
+value of another kind (a tensor, even one equal to the number: the graph would ignore it and its
+gradient; an ``int`` where a ``float`` was frozen; a ``bool`` for an ``int``), it raises an
+``AssertionError`` that names the argument, instead of silently computing what the traced call
+computed. The guards are TorchScript functions (:func:`require_none`, :func:`require_float`,
+...); a scripted block raises ``torch.jit.Error`` with the same message instead, since TorchScript
+re-raises every exception as that class. Tensors the block received besides its
+input are not read by its graph (else it could not be cut out), so any value is accepted for them.
 """
 
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -21,7 +24,8 @@ from torch import fx, nn
 
 from .capture import Call
 
-__all__ = ["Mirrored", "mirror_signature", "require_none"]
+__all__ = ["Mirrored", "mirror_signature", "require_none", "require_bool", "require_int", "require_float",
+           "require_str"]
 
 
 class Mirrored(NamedTuple):
@@ -32,9 +36,6 @@ class Mirrored(NamedTuple):
     problem: Optional[str]
     frozen: dict[str, Any]
 
-_GUARDABLE = (bool, int, float, str)
-
-
 @fx.wrap
 def require_none(value: Optional[torch.Tensor], message: str) -> None:
     """Raise an ``AssertionError`` with ``message`` unless ``value`` is None (scriptable)."""
@@ -42,8 +43,54 @@ def require_none(value: Optional[torch.Tensor], message: str) -> None:
         raise AssertionError(message)
 
 
+# One guard per frozen type, typed for TorchScript (which checks the type itself, so only eager
+# Python needs the isinstance test; the type is checked before the value, so that a tensor never
+# meets ``==``). ``bool`` is an ``int`` in Python, but not here: it changes what ops compute.
+@fx.wrap
+def require_bool(value: bool, frozen: bool, message: str) -> None:
+    """Raise an ``AssertionError`` with ``message`` unless ``value`` is the bool ``frozen``."""
+    if not torch.jit.is_scripting():
+        if not isinstance(value, bool):
+            raise AssertionError(message)
+    if value != frozen:
+        raise AssertionError(message)
+
+
+@fx.wrap
+def require_int(value: int, frozen: int, message: str) -> None:
+    """Raise an ``AssertionError`` with ``message`` unless ``value`` is the int ``frozen`` (not a bool)."""
+    if not torch.jit.is_scripting():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise AssertionError(message)
+    if value != frozen:
+        raise AssertionError(message)
+
+
+@fx.wrap
+def require_float(value: float, frozen: float, message: str) -> None:
+    """Raise an ``AssertionError`` with ``message`` unless ``value`` is the float ``frozen``."""
+    if not torch.jit.is_scripting():
+        if not isinstance(value, float):
+            raise AssertionError(message)
+    if value != frozen:
+        raise AssertionError(message)
+
+
+@fx.wrap
+def require_str(value: str, frozen: str, message: str) -> None:
+    """Raise an ``AssertionError`` with ``message`` unless ``value`` is the str ``frozen``."""
+    if not torch.jit.is_scripting():
+        if not isinstance(value, str):
+            raise AssertionError(message)
+    if value != frozen:
+        raise AssertionError(message)
+
+
+_GUARDS = {bool: require_bool, int: require_int, float: require_float, str: require_str}
+
+
 def _guard(graph: fx.Graph, placeholder: fx.Node, value: Any, default: Any, message: str) -> bool:
-    """Insert a check that ``placeholder`` equals ``value``; False when it cannot be checked."""
+    """Insert a check that ``placeholder`` is ``value`` (same kind, equal); False when it cannot be checked."""
     if isinstance(value, torch.Tensor):  # not read by the graph: any tensor will do
         placeholder.type = Optional[torch.Tensor] if default is None else torch.Tensor
         return True
@@ -51,12 +98,12 @@ def _guard(graph: fx.Graph, placeholder: fx.Node, value: Any, default: Any, mess
         placeholder.type = Optional[torch.Tensor]  # what TorchScript needs to see for a None default
         graph.call_function(require_none, (placeholder, message))
         return True
-    if type(value) in _GUARDABLE:
-        placeholder.type = type(value)
-        same = graph.call_function(operator.eq, (placeholder, value))
-        graph.call_function(torch._assert, (same, message))
-        return True
-    return False
+    guard = _GUARDS.get(type(value))
+    if guard is None:
+        return False
+    placeholder.type = type(value)
+    graph.call_function(guard, (placeholder, value, message))
+    return True
 
 
 def mirror_signature(gm: fx.GraphModule, module: nn.Module, call: Optional[Call], path: str) -> Mirrored:
@@ -90,8 +137,9 @@ def mirror_signature(gm: fx.GraphModule, module: nn.Module, call: Optional[Call]
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             value = bound.arguments.get(p.name, p.default)
-            message = (f"{path} was rewritten by se_inject for calls with {p.name}={value!r}, which its traced "
-                       f"graph fixes; call it so, or leave it out with exclude=[{path!r}]")
+            kind = "" if value is None or isinstance(value, torch.Tensor) else f" (a {type(value).__name__})"
+            message = (f"{path} was rewritten by se_inject for calls with {p.name}={value!r}{kind}, which its "
+                       f"traced graph fixes; call it so, or leave it out with exclude=[{path!r}]")
             if not _guard(graph, ph, value, p.default, message):
                 return Mirrored(f"it is called with {p.name}={type(value).__name__}, which cannot be checked", {})
     graph.lint()

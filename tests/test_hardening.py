@@ -101,6 +101,27 @@ def test_a_block_called_with_an_extra_argument_keeps_its_signature(strict):
         torch.testing.assert_close(scripted(X32), model(X32))
 
 
+@pytest.mark.parametrize("value", [torch.tensor(0.5, requires_grad=True), torch.tensor([0.5, 2.0]).view(2, 1, 1, 1),
+                                   1, True, "0.5"], ids=["0-dim-tensor", "per-sample-tensor", "int", "bool", "str"])
+def test_a_frozen_number_is_guarded_by_type_as_well_as_value(value):
+    """b1 was rewritten for ``scale=0.5``: its graph multiplies by the constant 0.5. A tensor equal
+    to it passed ``value == 0.5`` and was then ignored (its gradient silently lost); a per-sample
+    tensor raised a raw RuntimeError. Every value of another kind must fail the guard with the
+    AssertionError naming the argument, where the original module computes with it."""
+    model = randomize_norms(CallsWithScale()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = se_inject.apply(model, example_inputs=X32, identity_init=True).eval()
+    h = model.stem(X32)
+    with pytest.raises(AssertionError, match=r"b1 was rewritten by se_inject for calls with scale=0.5 \(a float\), "
+                                             r"which its traced graph fixes.*exclude=\['b1'\]"):
+        converted.b1(h, scale=value)
+    torch.testing.assert_close(converted.b1(h, scale=0.5), model.b1(h, scale=0.5))
+    if isinstance(value, torch.Tensor) and value.requires_grad:  # what the guard protects
+        model.b1(h, scale=value).sum().backward()
+        assert value.grad is not None and value.grad != 0
+
+
 def test_a_converted_block_still_takes_an_argument_it_ignores():
     """timm's DlaTree pattern: ``mid(x, shortcut)`` ignores ``shortcut``. Once converted, the block
     must still accept the call its parent makes (today its GraphModule takes ``x`` only, so only
