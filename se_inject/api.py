@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import hf
+from .blocks import BlockRewrite
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
@@ -139,6 +140,21 @@ def _analysed(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], str
     return work, plan, rewrites
 
 
+def _check_inplace_possible(model: nn.Module, plan: SitePlan, rewrites: list[BlockRewrite]) -> None:
+    """``inplace=True`` must convert the object passed in completely. A residual add in the root's
+    own forward rewrites the root into a new GraphModule, which cannot take the place of the
+    caller's object: refuse, before anything is changed, rather than leave the caller's model
+    half converted (its blocks with SE, its own add without)."""
+    if not any(rw.path == "" for rw in rewrites):
+        return
+    adds = [s.add for s in plan.sites if s.block == ""]
+    raise OptionError(
+        f"inplace=True cannot convert {type(model).__name__} itself: its own forward holds a residual add "
+        f"({', '.join(adds)}), so the converted model is a new GraphModule, and the object passed in would be "
+        f"left half converted. Call with inplace=False (the default) and use the returned model; nothing was "
+        f"changed.")
+
+
 @takes_options
 def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = False, strict: bool = False,
            **options: Any) -> Injection:
@@ -157,6 +173,8 @@ def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = Fals
     inputs = _as_inputs(model, example_inputs)
     with _session():
         work, plan, rewrites = _analysed(model, opts, inputs, strict)
+        if inplace:
+            _check_inplace_possible(model, plan, rewrites)
         target = model if inplace else work
         if plan.sites:
             with hf.prepared(target):  # transformers' lazy hooks, installed now so that rewritten blocks keep them
@@ -181,9 +199,12 @@ def apply(model: nn.Module, *, example_inputs: Any = None, inplace: bool = False
         model: any ``nn.Module``; left untouched unless ``inplace=True``. The analysis always
             runs on a deep copy; with ``inplace=True`` only the final swap touches ``model``,
             and a failed call leaves it exactly as it was.
+        inplace: rewrite ``model`` itself instead of a deep copy: every site goes into the object
+            passed in, or none does. A model whose root forward holds a residual add cannot be
+            converted in place (its rewritten root is a new GraphModule, not the object passed
+            in): that is an :class:`OptionError`, raised before anything is changed.
         example_inputs: a tensor or tuple used to trace shapes and verify; by default one
             random (1, 3, H, W) image sized from timm's ``pretrained_cfg`` or 224x224.
-        inplace: rewrite ``model`` itself instead of a deep copy.
         strict: raise :class:`VerificationError` when a block's traced graph does not reproduce
             it, instead of warning and leaving that block alone.
 
@@ -192,7 +213,8 @@ def apply(model: nn.Module, *, example_inputs: Any = None, inplace: bool = False
 
     Returns:
         The model with SE blocks (the same object when ``inplace=True``). A model with no
-        residual add gives a :class:`NoResidualAddsWarning` and an unchanged copy.
+        residual add gives a :class:`NoResidualAddsWarning` and an unchanged copy (the model
+        itself, unchanged, when ``inplace=True``).
 
     Raises:
         NotAModuleError, OptionError, TraceError, ExampleInputError, VerificationError.

@@ -310,6 +310,40 @@ def test_an_add_in_the_root_forward_makes_the_root_a_graph_module():
     assert set(model.state_dict()) | {"se.fc1.weight", "se.fc1.bias", "se.fc2.weight", "se.fc2.bias"} == set(out.state_dict())
 
 
+class BlocksAndRootAdd(nn.Module):
+    """Residual blocks below, and a residual add in the root's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(ResBlock(8, 8), ResBlock(8, 8))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return x + torch.relu(self.conv(x))
+
+
+@pytest.mark.parametrize("call", [se_inject.apply, se_inject.inject])
+def test_inplace_on_a_model_whose_root_holds_an_add_is_refused_before_changing_it(call):
+    """The rewritten root is a new GraphModule, which cannot become the caller's object: converting
+    the blocks in place and returning the new root left the caller's model half converted (blocks
+    with SE, the root's add without). inplace=True must convert all or refuse before any change."""
+    model = BlocksAndRootAdd().eval()
+    before = snapshot(model)
+    with pytest.raises(OptionError, match=r"inplace=True cannot convert BlocksAndRootAdd itself: its own forward "
+                                          r"holds a residual add \(add_2\).*half converted.*inplace=False"):
+        call(model, example_inputs=X32, inplace=True)
+    assert_same_snapshot(before, snapshot(model))
+    assert not any(isinstance(m, (SEBlock, fx.GraphModule)) for m in model.modules())
+    with pytest.warns(GraphModuleRootWarning):
+        out = se_inject.apply(model, example_inputs=X32)
+    assert sorted(n for n, m in out.named_modules() if isinstance(m, SEBlock)) == ["blocks.0.se", "blocks.1.se", "se"]
+    # Without a root add, inplace=True still converts the object itself.
+    inner = nn.Sequential(nn.Conv2d(3, 8, 1), ResBlock(8, 8))
+    assert se_inject.apply(inner, example_inputs=X32, inplace=True) is inner and isinstance(inner[1].se, SEBlock)
+
+
 # -- idempotence and options ----------------------------------------------------------------------
 
 def test_a_second_apply_adds_nothing():
