@@ -21,7 +21,7 @@ from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, O
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
 from .plan import Injection, SitePlan
-from .tracer import TRACE_LOCK, restore_hooks, stash_hooks
+from .tracer import TRACE_LOCK, global_hooks_suspended, restore_hooks, stash_hooks
 from .utils import eval_mode, gc_paused, rng_kept, warn
 
 __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
@@ -115,10 +115,19 @@ def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
 
 @contextlib.contextmanager
 def _session() -> Iterator[None]:
-    """What every call runs under: its turn on the lock, no GC pauses, and real tensors (new
-    parameters made under ``torch.inference_mode`` could never be trained)."""
-    with _LOCK, gc_paused(), torch.inference_mode(False):
+    """What every call runs under: its turn on the lock, no GC pauses, real tensors (new
+    parameters made under ``torch.inference_mode`` could never be trained), and no global module
+    hooks running in this thread (the model's own hooks are stashed by :func:`_analysed`)."""
+    with _LOCK, gc_paused(), torch.inference_mode(False), global_hooks_suspended():
         yield
+
+
+def _options(options: dict[str, Any], caller: str) -> SEOptions:
+    """The options, checked. The check runs small SE blocks, which global hooks must not see; and
+    without gradients, since a global backward hook alone makes torch wrap every module output in
+    a ``BackwardHookFunction``, on which the gate's in-place ops would fail."""
+    with global_hooks_suspended(), torch.no_grad():
+        return SEOptions.from_kwargs(options, caller=caller)
 
 
 def _check_flag(name: str, value: Any) -> None:
@@ -166,7 +175,7 @@ def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = Fals
     Options:
         {options}
     """
-    opts = SEOptions.from_kwargs(options, caller="inject")
+    opts = _options(options, "inject")
     _check_flag("inplace", inplace)
     _check_flag("strict", strict)
     _check_model(model)
@@ -247,7 +256,7 @@ def find_sites(model: nn.Module, *, example_inputs: Any = None, strict: bool = F
     if "inplace" in options:
         raise OptionError("find_sites() never changes the model, so it takes no inplace option; "
                           "apply() and inject() do")
-    opts = SEOptions.from_kwargs(options, caller="find_sites")
+    opts = _options(options, "find_sites")
     _check_flag("strict", strict)
     _check_model(model)
     inputs = _as_inputs(model, example_inputs)
