@@ -136,10 +136,13 @@ def _check_flag(name: str, value: Any) -> None:
 
 
 def _analysed(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool):
-    """Plan on a deep copy of ``model``, in eval mode and without its hooks: the analysis runs the
-    model's code, which may write to it, and the caller's model must never see that."""
+    """Plan on a deep copy of ``model``, in eval mode and without its hooks (transformers'
+    output-capturing hooks aside, which are part of what it computes: see :mod:`se_inject.hf`):
+    the analysis runs the model's code, which may write to it, and the caller's model must never
+    see that."""
     _check_inputs(model, inputs)
     work = copy.deepcopy(model)
+    hf.prepare(work)  # transformers' capturing hooks, which the analysis keeps (see se_inject.hf)
     hooks = stash_hooks(work)
     try:
         with eval_mode(work):

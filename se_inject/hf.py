@@ -8,6 +8,12 @@ must not pull it in): a model is a transformers model only if transformers is al
   matched with ``isinstance``; a block that se_inject rewrote is a ``GraphModule`` and would be
   missed, and its hidden state silently dropped. Installed beforehand, the hooks move with the
   block like any other hook; if the swap fails, they are taken off again.
+* The capturing hooks are part of what a model computes, not user hooks: a backbone (which
+  transformers hooks in ``post_init``) builds its feature maps from the hidden states they
+  collect. :func:`is_output_capturing_hook` tells them apart, so that the analysis keeps them
+  while it stashes the user's hooks (:func:`se_inject.tracer.stash_hooks`), and the analysis
+  :func:`prepare` s its copy first, so that transformers never installs them lazily into the
+  stashed hook dicts (where they would be lost, with the "installed" flag left set).
 * :func:`default_input_size` reads ``num_channels`` and ``image_size`` from the model's config.
 """
 
@@ -20,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-__all__ = ["is_hf_model", "prepare", "prepared", "default_input_size"]
+__all__ = ["is_hf_model", "is_output_capturing_hook", "prepare", "prepared", "default_input_size"]
 
 
 def is_hf_model(model: Any) -> bool:
@@ -29,6 +35,11 @@ def is_hf_model(model: Any) -> bool:
     if transformers is None or not type(model).__module__.startswith("transformers."):
         return False
     return isinstance(model, transformers.PreTrainedModel)
+
+
+def is_output_capturing_hook(hook: Any) -> bool:
+    """Whether ``hook`` is one of the forward hooks transformers installs to capture outputs."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
 def prepare(model: nn.Module) -> None:

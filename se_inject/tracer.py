@@ -38,6 +38,7 @@ from torch import fx, nn
 from torch.nn.modules import module as _torch_module
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
+from . import hf
 from .block_module import HOOK_DICTS
 from .ops import LEAF_TYPES, is_regularizer_module
 
@@ -149,12 +150,18 @@ def stash_hooks(model: nn.Module) -> dict[int, dict[str, OrderedDict]]:
     """Remove every module hook under ``model`` and return them for :func:`restore_hooks`.
 
     User hooks must not run (on Proxies) while se_inject traces, nor be baked into a graph.
+    transformers' output-capturing hooks stay (:func:`se_inject.hf.is_output_capturing_hook`):
+    they are part of what the model computes (a backbone's feature maps are the hidden states
+    they collect), so without them the traced graph would compute something else. Hook dicts are
+    keyed by handle ids, which are unique in the process, so a kept hook's entries in the other
+    dicts (``_forward_hooks_with_kwargs``, ...) are found by its id.
     """
     stash = {}
     for m in model.modules():
         stash[id(m)] = {name: getattr(m, name) for name in HOOK_DICTS if hasattr(m, name)}
-        for name in stash[id(m)]:
-            setattr(m, name, OrderedDict())
+        kept = {k for k, hook in getattr(m, "_forward_hooks", {}).items() if hf.is_output_capturing_hook(hook)}
+        for name, hooks in stash[id(m)].items():
+            setattr(m, name, OrderedDict((k, v) for k, v in hooks.items() if k in kept))
     return stash
 
 
