@@ -8,15 +8,16 @@ traced graph, so the block checks them, by type and value: called with another v
 value of another kind (a tensor, even one equal to the number: the graph would ignore it and its
 gradient; an ``int`` where a ``float`` was frozen; a ``bool`` for an ``int``), it raises an
 ``AssertionError`` that names the argument, instead of silently computing what the traced call
-computed. The guards are TorchScript functions (:func:`require_none`, :func:`require_float`,
-...); a scripted block raises ``torch.jit.Error`` with the same message instead, since TorchScript
-re-raises every exception as that class. Tensors the block received besides its
+computed. The guards (:func:`require_none`, :func:`require_kind`, then ``==``) survive
+TorchScript; a scripted block raises ``torch.jit.Error`` with the same message instead, since
+TorchScript re-raises every exception as that class. Tensors the block received besides its
 input are not read by its graph (else it could not be cut out), so any value is accepted for them.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -24,8 +25,7 @@ from torch import fx, nn
 
 from .capture import Call
 
-__all__ = ["Mirrored", "mirror_signature", "require_none", "require_bool", "require_int", "require_float",
-           "require_str"]
+__all__ = ["Mirrored", "mirror_signature", "require_none", "require_kind"]
 
 
 class Mirrored(NamedTuple):
@@ -43,50 +43,27 @@ def require_none(value: Optional[torch.Tensor], message: str) -> None:
         raise AssertionError(message)
 
 
-# One guard per frozen type, typed for TorchScript (which checks the type itself, so only eager
-# Python needs the isinstance test; the type is checked before the value, so that a tensor never
-# meets ``==``). ``bool`` is an ``int`` in Python, but not here: it changes what ops compute.
-@fx.wrap
-def require_bool(value: bool, frozen: bool, message: str) -> None:
-    """Raise an ``AssertionError`` with ``message`` unless ``value`` is the bool ``frozen``."""
-    if not torch.jit.is_scripting():
-        if not isinstance(value, bool):
-            raise AssertionError(message)
-    if value != frozen:
-        raise AssertionError(message)
+#: The types a frozen argument may have, by the name :func:`require_kind` takes.
+_KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+@torch.jit.unused
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` is a plain ``kind`` (``int`` excluding ``bool``, which changes what ops
+    compute: ``torch.full(s, True)`` is a bool tensor)."""
+    if isinstance(value, bool):
+        return kind == "bool"
+    return isinstance(value, {"bool": bool, "int": int, "float": float, "str": str}[kind])
 
 
 @fx.wrap
-def require_int(value: int, frozen: int, message: str) -> None:
-    """Raise an ``AssertionError`` with ``message`` unless ``value`` is the int ``frozen`` (not a bool)."""
+def require_kind(value: Any, kind: str, message: str) -> None:
+    """Raise an ``AssertionError`` with ``message`` unless ``value`` is of ``kind`` (``"bool"``,
+    ``"int"``, ``"float"`` or ``"str"``). TorchScript checks the type from the signature itself,
+    so there this is a no-op; checked before the value, so that a tensor never meets ``==``."""
     if not torch.jit.is_scripting():
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not _is_kind(value, kind):
             raise AssertionError(message)
-    if value != frozen:
-        raise AssertionError(message)
-
-
-@fx.wrap
-def require_float(value: float, frozen: float, message: str) -> None:
-    """Raise an ``AssertionError`` with ``message`` unless ``value`` is the float ``frozen``."""
-    if not torch.jit.is_scripting():
-        if not isinstance(value, float):
-            raise AssertionError(message)
-    if value != frozen:
-        raise AssertionError(message)
-
-
-@fx.wrap
-def require_str(value: str, frozen: str, message: str) -> None:
-    """Raise an ``AssertionError`` with ``message`` unless ``value`` is the str ``frozen``."""
-    if not torch.jit.is_scripting():
-        if not isinstance(value, str):
-            raise AssertionError(message)
-    if value != frozen:
-        raise AssertionError(message)
-
-
-_GUARDS = {bool: require_bool, int: require_int, float: require_float, str: require_str}
 
 
 def _guard(graph: fx.Graph, placeholder: fx.Node, value: Any, default: Any, message: str) -> bool:
@@ -98,11 +75,13 @@ def _guard(graph: fx.Graph, placeholder: fx.Node, value: Any, default: Any, mess
         placeholder.type = Optional[torch.Tensor]  # what TorchScript needs to see for a None default
         graph.call_function(require_none, (placeholder, message))
         return True
-    guard = _GUARDS.get(type(value))
-    if guard is None:
+    kind = _KINDS.get(type(value))
+    if kind is None:
         return False
     placeholder.type = type(value)
-    graph.call_function(guard, (placeholder, value, message))
+    graph.call_function(require_kind, (placeholder, kind, message))
+    same = graph.call_function(operator.eq, (placeholder, value))
+    graph.call_function(torch._assert, (same, message))
     return True
 
 
