@@ -36,7 +36,7 @@ def _name(node: fx.Node) -> str:
     """A node as the messages name it: a module call by its path, the input, or the node's name."""
     if node.op == "call_module":
         return str(node.target)
-    return "the block's input" if node.op == "placeholder" else node.name
+    return "the input" if node.op == "placeholder" else node.name
 
 
 def _op(g: GraphIndex, node: fx.Node) -> str:
@@ -127,8 +127,8 @@ def write_problem(g: GraphIndex, tail: fx.Node, readers: list[fx.Node], *,
     for reader in readers:
         if _written(g, reader) in shared:
             at = g.position[reader]
-            later = [n for m in memory for n in (m, *m.users) if g.position[n] > at and n not in taken]
-            later = [n for n in later if not (rewired is not None and rewired(n))]
+            later = sorted({n for m in memory for n in (m, *m.users) if g.position[n] > at and n not in taken
+                            and not (rewired is not None and rewired(n))}, key=g.position.__getitem__)
             if later or memory[0].op == "placeholder":
                 seen_by = f"{_name(later[0])} reads it afterwards" if later else "the caller may read it afterwards"
                 return (f"{_op(g, reader)} writes {_name(tail)} in place and {seen_by}; with the "

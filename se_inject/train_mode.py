@@ -36,22 +36,26 @@ Calls = dict[Optional[str], list[tuple[Any, ...]]]
 _CALLS = ("call_module", "call_function", "call_method")
 
 
+def _ref(seen: dict[fx.Node, int], node: fx.Node) -> tuple[Any, ...]:
+    """A node argument as the comparison sees it: its index among the nodes of the module call
+    (``seen``), or what it is when it comes from outside that call."""
+    if node in seen:
+        return ("node", seen[node])
+    return ("outside", node.op, None if node.op == "call_module" else node.target)
+
+
 def _calls_by_key(graph: fx.Graph) -> Calls:
     """The (op, target, args, kwargs) of every call, for the whole graph (key None) and per module
-    call key; an argument that is a node becomes its index among that key's nodes, or
-    ``("outside", op, target)`` for a node of the graph outside the key's module call."""
+    call key, node arguments as :func:`_ref` gives them."""
     calls: Calls = {None: []}
     local: dict[Optional[str], dict[fx.Node, int]] = {None: {}}
     for node in graph.nodes:
-        keys = [None, *node.meta.get("nn_module_stack", {})]
-        for key in keys:
+        for key in (None, *node.meta.get("nn_module_stack", {})):
             seen = local.setdefault(key, {})
             if node.op in _CALLS:
-                def ref(n: fx.Node) -> Any:
-                    return ("node", seen[n]) if n in seen else ("outside", n.op, n.target if n.op != "call_module"
-                                                                else None)
-                entry = (node.op, node.target, fx.node.map_arg(node.args, ref), fx.node.map_arg(node.kwargs, ref))
-                calls.setdefault(key, []).append(entry)
+                ref = functools.partial(_ref, seen)
+                calls.setdefault(key, []).append(
+                    (node.op, node.target, fx.node.map_arg(node.args, ref), fx.node.map_arg(node.kwargs, ref)))
             seen[node] = len(seen)
     return calls
 
