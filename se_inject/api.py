@@ -13,13 +13,15 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from . import hf
+from .blocks import BlockRewrite
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
 from .plan import Injection, SitePlan
-from .tracer import TRACE_LOCK, restore_hooks, stash_hooks
+from .tracer import TRACE_LOCK, global_hooks_suspended, restore_hooks, stash_hooks
 from .utils import eval_mode, gc_paused, rng_kept, warn
 
 __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
@@ -78,9 +80,24 @@ def _check_model(model: Any) -> None:
 
 
 def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
-    """The example inputs must fit the model's forward and be real tensors."""
-    if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
+    """The example inputs must fit the model's forward and be real, non-empty tensors.
+
+    Every check se_inject makes compares outputs on the example input (the traced graph against
+    the model, each rewritten block against its module), and on a tensor with no elements (a
+    batch of 0, a 0x0 image) each comparison would pass whatever the graphs compute: such an
+    input is refused. A batch of 1 (the default) is enough: the analysis runs in eval mode only
+    (train mode is traced, never run), so BatchNorm's "more than 1 value per channel" rule for
+    training never applies to the example.
+    """
+    leaves = [x for x in tree_flatten(list(inputs))[0] if isinstance(x, torch.Tensor)]
+    if any(x.is_meta for x in leaves):
         raise ExampleInputError("example_inputs are on the meta device; pass real tensors (e.g. torch.randn(...)).")
+    empty = next((x for x in leaves if x.numel() == 0), None)
+    if empty is not None:
+        raise ExampleInputError(
+            f"example_inputs holds a tensor of shape {tuple(empty.shape)}, which has no elements: every output "
+            f"se_inject compares to verify {type(model).__name__} would then match whatever it computes. Pass "
+            f"a non-empty example (e.g. a batch of 1 or 2 of the model's input size).")
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -98,10 +115,19 @@ def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
 
 @contextlib.contextmanager
 def _session() -> Iterator[None]:
-    """What every call runs under: its turn on the lock, no GC pauses, and real tensors (new
-    parameters made under ``torch.inference_mode`` could never be trained)."""
-    with _LOCK, gc_paused(), torch.inference_mode(False):
+    """What every call runs under: its turn on the lock, no GC pauses, real tensors (new
+    parameters made under ``torch.inference_mode`` could never be trained), and no global module
+    hooks running in this thread (the model's own hooks are stashed by :func:`_analysed`)."""
+    with _LOCK, gc_paused(), torch.inference_mode(False), global_hooks_suspended():
         yield
+
+
+def _options(options: dict[str, Any], caller: str) -> SEOptions:
+    """The options, checked. The check runs small SE blocks, which global hooks must not see; and
+    without gradients, since a global backward hook alone makes torch wrap every module output in
+    a ``BackwardHookFunction``, on which the gate's in-place ops would fail."""
+    with global_hooks_suspended(), torch.no_grad():
+        return SEOptions.from_kwargs(options, caller=caller)
 
 
 def _check_flag(name: str, value: Any) -> None:
@@ -110,10 +136,13 @@ def _check_flag(name: str, value: Any) -> None:
 
 
 def _analysed(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool):
-    """Plan on a deep copy of ``model``, in eval mode and without its hooks: the analysis runs the
-    model's code, which may write to it, and the caller's model must never see that."""
+    """Plan on a deep copy of ``model``, in eval mode and without its hooks (transformers'
+    output-capturing hooks aside, which are part of what it computes: see :mod:`se_inject.hf`):
+    the analysis runs the model's code, which may write to it, and the caller's model must never
+    see that."""
     _check_inputs(model, inputs)
     work = copy.deepcopy(model)
+    hf.prepare(work)  # transformers' capturing hooks, which the analysis keeps (see se_inject.hf)
     hooks = stash_hooks(work)
     try:
         with eval_mode(work):
@@ -121,6 +150,21 @@ def _analysed(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], str
     finally:
         restore_hooks(work, hooks)
     return work, plan, rewrites
+
+
+def _check_inplace_possible(model: nn.Module, plan: SitePlan, rewrites: list[BlockRewrite]) -> None:
+    """``inplace=True`` must convert the object passed in completely. A residual add in the root's
+    own forward rewrites the root into a new GraphModule, which cannot take the place of the
+    caller's object: refuse, before anything is changed, rather than leave the caller's model
+    half converted (its blocks with SE, its own add without)."""
+    if not any(rw.path == "" for rw in rewrites):
+        return
+    adds = [s.add for s in plan.sites if s.block == ""]
+    raise OptionError(
+        f"inplace=True cannot convert {type(model).__name__} itself: its own forward holds a residual add "
+        f"({', '.join(adds)}), so the converted model is a new GraphModule, and the object passed in would be "
+        f"left half converted. Call with inplace=False (the default) and use the returned model; nothing was "
+        f"changed.")
 
 
 @takes_options
@@ -134,13 +178,15 @@ def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = Fals
     Options:
         {options}
     """
-    opts = SEOptions.from_kwargs(options, caller="inject")
+    opts = _options(options, "inject")
     _check_flag("inplace", inplace)
     _check_flag("strict", strict)
     _check_model(model)
     inputs = _as_inputs(model, example_inputs)
     with _session():
         work, plan, rewrites = _analysed(model, opts, inputs, strict)
+        if inplace:
+            _check_inplace_possible(model, plan, rewrites)
         target = model if inplace else work
         if plan.sites:
             with hf.prepared(target):  # transformers' lazy hooks, installed now so that rewritten blocks keep them
@@ -165,9 +211,12 @@ def apply(model: nn.Module, *, example_inputs: Any = None, inplace: bool = False
         model: any ``nn.Module``; left untouched unless ``inplace=True``. The analysis always
             runs on a deep copy; with ``inplace=True`` only the final swap touches ``model``,
             and a failed call leaves it exactly as it was.
+        inplace: rewrite ``model`` itself instead of a deep copy: every site goes into the object
+            passed in, or none does. A model whose root forward holds a residual add cannot be
+            converted in place (its rewritten root is a new GraphModule, not the object passed
+            in): that is an :class:`OptionError`, raised before anything is changed.
         example_inputs: a tensor or tuple used to trace shapes and verify; by default one
             random (1, 3, H, W) image sized from timm's ``pretrained_cfg`` or 224x224.
-        inplace: rewrite ``model`` itself instead of a deep copy.
         strict: raise :class:`VerificationError` when a block's traced graph does not reproduce
             it, instead of warning and leaving that block alone.
 
@@ -176,7 +225,8 @@ def apply(model: nn.Module, *, example_inputs: Any = None, inplace: bool = False
 
     Returns:
         The model with SE blocks (the same object when ``inplace=True``). A model with no
-        residual add gives a :class:`NoResidualAddsWarning` and an unchanged copy.
+        residual add gives a :class:`NoResidualAddsWarning` and an unchanged copy (the model
+        itself, unchanged, when ``inplace=True``).
 
     Raises:
         NotAModuleError, OptionError, TraceError, ExampleInputError, VerificationError.
@@ -209,7 +259,7 @@ def find_sites(model: nn.Module, *, example_inputs: Any = None, strict: bool = F
     if "inplace" in options:
         raise OptionError("find_sites() never changes the model, so it takes no inplace option; "
                           "apply() and inject() do")
-    opts = SEOptions.from_kwargs(options, caller="find_sites")
+    opts = _options(options, "find_sites")
     _check_flag("strict", strict)
     _check_model(model)
     inputs = _as_inputs(model, example_inputs)

@@ -10,6 +10,12 @@ must not pull it in): a model is a transformers model only if transformers is al
   block like any other hook; if the swap fails, they are taken off again. transformers makes each
   hook a closure, which pickle cannot save; :class:`CaptureHook` stands in for it, rebuilding the
   same closure with transformers' own function, so converted models pickle like the originals.
+* The capturing hooks are part of what a model computes, not user hooks: a backbone (which
+  transformers hooks in ``post_init``) builds its feature maps from the hidden states they
+  collect. :func:`is_output_capturing_hook` tells them apart, so that the analysis keeps them
+  while it stashes the user's hooks (:func:`se_inject.tracer.stash_hooks`), and the analysis
+  :func:`prepare` s its copy first, so that transformers never installs them lazily into the
+  stashed hook dicts (where they would be lost, with the "installed" flag left set).
 * :func:`default_input_size` reads ``num_channels`` and ``image_size`` from the model's config.
 """
 
@@ -23,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
-__all__ = ["is_hf_model", "prepare", "prepared", "default_input_size", "CaptureHook"]
+__all__ = ["is_hf_model", "is_output_capturing_hook", "prepare", "prepared", "default_input_size", "CaptureHook"]
 
 
 def is_hf_model(model: Any) -> bool:
@@ -83,6 +89,12 @@ def _as_capture_hook(hook: Any) -> Optional[CaptureHook]:
     if not set(parameters) <= set(free):  # a transformers whose closure no longer holds its arguments
         return None
     return CaptureHook(**{name: free[name] for name in parameters})
+
+
+def is_output_capturing_hook(hook: Any) -> bool:
+    """Whether ``hook`` is one of the forward hooks transformers installs to capture outputs
+    (its own closure, or the :class:`CaptureHook` that stands in for it)."""
+    return isinstance(hook, CaptureHook) or getattr(hook, "__module__", None) == _CAPTURING
 
 
 def prepare(model: nn.Module) -> None:

@@ -8,7 +8,9 @@ matched with ``isinstance``, so subclasses (timm's ``StdConv2d``, ``BatchNormAct
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import operator
 from typing import Any, Optional
 
@@ -37,6 +39,8 @@ __all__ = [
     "target_name",
     "add_operands",
     "is_inplace_add",
+    "written_input",
+    "is_view",
     "is_mul",
     "is_conv_like",
     "is_nonlinear",
@@ -313,6 +317,72 @@ def is_inplace_add(node: fx.Node) -> bool:
     """Whether ``node`` adds in place into its first operand (``a.add_(b)``, ``a += b``)."""
     return (node.op == "call_method" and node.target == "add_") or (
         node.op == "call_function" and node.target is operator.iadd)
+
+
+# Python's augmented assignments and item assignment: they write their first operand in place.
+_INPLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.setitem,
+})
+# Trailing-underscore methods that change a tensor's metadata, not its values.
+_METADATA_METHODS = frozenset({"requires_grad_", "share_memory_", "record_stream", "resize_", "set_"})
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_parameter(target: Any) -> Optional[inspect.Signature]:
+    """The signature of a function that takes an ``inplace`` parameter (``F.relu``), else None."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    return signature if "inplace" in signature.parameters else None
+
+
+def written_input(node: fx.Node, module: Optional[nn.Module] = None) -> Optional[fx.Node]:
+    """The node whose tensor ``node`` writes in place (its first argument), or None.
+
+    In place are: Tensor methods and torch functions named with a trailing underscore
+    (``x.relu_()``, ``torch.relu_``, ``out.add_(x)``), augmented and item assignment
+    (``operator.iadd``, ``operator.setitem``), calls with ``inplace=True`` (``F.relu(x, True)``),
+    and modules built with ``inplace=True`` (``nn.ReLU(inplace=True)``, timm's activations);
+    ``module`` is the module a ``call_module`` node calls.
+    """
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if node.op == "call_module":
+        return first if getattr(module, "inplace", False) is True else None
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return first
+    name = target_name(node.target)
+    if name and name.endswith("_") and not name.startswith("_") and name not in _METADATA_METHODS:
+        return first
+    if node.kwargs.get("inplace") is True:
+        return first
+    signature = _inplace_parameter(node.target) if node.op == "call_function" and callable(node.target) else None
+    if signature is not None:
+        try:
+            return first if signature.bind(*node.args, **node.kwargs).arguments.get("inplace") is True else None
+        except TypeError:
+            return None
+    return None
+
+
+#: Ops whose result may share its input's memory (views, and reshapes that may be views).
+VIEW_OPS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "expand",
+    "expand_as", "permute", "transpose", "t", "movedim", "swapaxes", "narrow", "select", "diagonal",
+    "as_strided", "unfold", "detach", "contiguous", "split", "chunk", "unbind", "tensor_split", "getitem",
+})
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with its first argument (a view of it)."""
+    return (node.op in ("call_function", "call_method") and target_name(node.target) in VIEW_OPS
+            and bool(node.args) and isinstance(node.args[0], fx.Node))
 
 
 def is_mul(node: fx.Node) -> bool:

@@ -25,18 +25,28 @@ A branch without that mid shape (a basic block's two 3x3 convs, ConvNeXt's chann
 after its depthwise conv) gets nothing at ``mid``, with the reason ``no-mid-point``.
 :func:`locate` finds the place in a scope's graph; :meth:`Place.resolve` finds it again in
 the graph of the block cut out of that scope, where the module is inserted.
+
+Where in-place ops touch the tensor the module reads, a place must still read what the block
+reads (:mod:`se_inject.aliasing`). ``pre`` moves past the in-place ops the branch starts with
+(a pre-activation ``nn.ReLU(inplace=True)`` on the block input writes the tensor the shortcut
+reads too, so the fork is its result); ``pre`` and ``identity`` are refused (``in-place-write``)
+where an in-place op would then write the module's output instead of the tensor others read, or
+write the tensor between the readers the module takes over. ``branch``, ``mid`` and ``post``
+cannot meet either case: their module takes over every reader of a tensor read once (``mid``, and
+``branch`` but for the in-place add, whose later readers the insertion rewires), or every reader
+of the block's output (``post``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import fx
 
-from . import ops
+from . import aliasing, ops
 from .graph_index import GraphIndex, shape_of, tensor_meta
 from .sites import ResidualAdd
 
@@ -58,6 +68,8 @@ class Place:
             ``post``, whose readers are found in the block's graph).
         branch: the branch operand (``pre``: the fork's readers that lead to it).
         channels, shape, dtype: of the tensor the module takes.
+        moved: ``pre``: the in-place ops on the fork the branch starts with, which ``tail`` is
+            the last of (see :func:`se_inject.aliasing.past_writes`).
     """
 
     position: str
@@ -67,24 +79,27 @@ class Place:
     channels: int
     shape: tuple[int, ...]
     dtype: torch.dtype
+    moved: tuple[fx.Node, ...] = ()
 
     def resolve(self, env: dict[fx.Node, fx.Node], collapsed: set[fx.Node], gm: fx.GraphModule
                 ) -> Optional[tuple[fx.Node, list[fx.Node]]]:
         """(tail, readers) in the block's graph ``gm`` (``env`` maps scope nodes to its nodes);
         None when the place is not inside the block. Readers come in graph order."""
         tail = env.get(self.tail)
-        if tail is None:
+        if tail is None or any(op not in env for op in self.moved):
             return None
+        for op in self.moved:  # later reads of the fork read what the in-place op made of it
+            _read_result_of_inplace(gm, env[op])
         index = GraphIndex(gm)
         if self.position == "pre":
             branch = env.get(self.branch)
             readers = [u for u in tail.users if branch is not None and index.reaches(u, branch)]
         elif self.position == "post":
-            _read_result_of_inplace(tail)
+            _read_result_of_inplace(gm, tail)
             readers = list(tail.users)
             if len(readers) == 1 and _is_activation(gm, readers[0]):
                 tail = readers[0]
-                _read_result_of_inplace(tail)
+                _read_result_of_inplace(gm, tail)
                 readers = list(tail.users)
         else:
             consumer = env.get(self.consumer)  # type: ignore[arg-type]
@@ -94,20 +109,17 @@ class Place:
         return tail, sorted(readers, key=index.position.__getitem__)
 
 
-def _inplace(node: fx.Node) -> bool:
-    name = ops.target_name(node.target) if node.op in ("call_function", "call_method") else None
-    return ops.is_inplace_add(node) or bool(name and name.endswith("_") and not name.startswith("_"))
-
-
-def _read_result_of_inplace(node: fx.Node) -> None:
+def _read_result_of_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
     """``out.add_(x); f(out)``: ``f`` reads the in-place op's result through ``out``. Make it read
     the op's node (the same tensor), so that the op's readers are its users."""
-    if not _inplace(node) or not node.args or not isinstance(node.args[0], fx.Node):
+    module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    written = ops.written_input(node, module)
+    if written is None:
         return
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    for user in list(node.args[0].users):
+    for user in list(written.users):
         if user is not node and order[user] > order[node]:
-            user.replace_input_with(node.args[0], node)
+            user.replace_input_with(written, node)
 
 
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -155,14 +167,18 @@ def locate(g: GraphIndex, v: ResidualAdd, position: str) -> Union[Place, tuple[s
     """Where ``position`` puts the module of residual add ``v`` in the scope graph indexed by ``g``,
     or (reason code, detail) when the block has no such place."""
     consumer: Optional[fx.Node]
+    moved: tuple[fx.Node, ...] = ()
+    problem: Optional[str] = None
     if position == "branch":
         tail, consumer = v.tail, v.consumer
     elif position == "identity":
         tail, consumer = v.shortcut, v.add
+        problem = aliasing.write_problem(g, tail, [v.add], rewired=_rewired_by_insertion(v))
     elif position == "post":
         tail, consumer = v.add, None
     elif position == "pre":
-        tail, consumer = v.fork, None
+        tail, readers, moved = aliasing.past_writes(g, v.fork, v.branch)
+        consumer, problem = None, aliasing.write_problem(g, tail, readers)
     elif position == "mid":
         found = _mid(g, v)
         if isinstance(found[0], str):
@@ -170,10 +186,22 @@ def locate(g: GraphIndex, v: ResidualAdd, position: str) -> Union[Place, tuple[s
         tail, consumer = found  # type: ignore[assignment]
     else:
         raise ValueError(position)
+    if problem is not None:
+        return "in-place-write", f"position={position!r}: {problem}"
     shape, meta = shape_of(tail), tensor_meta(tail)
     if shape is None or meta is None or len(shape) != len(v.shape) or not meta.dtype.is_floating_point:
         return "channel-dim-unknown", f"position={position!r}: {tail.name} is not a float tensor shaped like the add"
-    return Place(position, tail, consumer, v.branch, int(shape[1]), shape, meta.dtype)
+    return Place(position, tail, consumer, v.branch, int(shape[1]), shape, meta.dtype, moved)
+
+
+def _rewired_by_insertion(v: ResidualAdd) -> Optional[Callable[[fx.Node], bool]]:
+    """Where the add writes the shortcut in place (``shortcut.add_(branch)``), the insertion makes
+    the shortcut's later readers inside the block read the add's result
+    (:func:`se_inject.insert_pass.insert_modules`): those see the write."""
+    if not (ops.is_inplace_add(v.add) and v.add.args[0] is v.shortcut):
+        return None
+    key = v.scope_keys[-1] if v.scope_keys else None
+    return lambda n: n in v.shortcut.users and (key is None or key in n.meta.get("nn_module_stack", {}))
 
 
 def describe(tail: fx.Node, readers: list[fx.Node]) -> str:

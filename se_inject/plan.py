@@ -34,6 +34,8 @@ SKIP_REASONS: dict[str, str] = {
     "train-eval-differ": "the block traces differently in train and eval mode",
     "unverified": "the traced block does not reproduce the module's output",
     "no-mid-point": "position='mid': no k>1 conv on the branch followed by norm / activation and a 1x1 conv",
+    "in-place-write": "position='pre' / 'identity': an in-place op would then write or read another tensor than "
+                      "the block's (e.g. a pre-activation ReLU(inplace=True) that is not the branch's first op)",
 }
 
 

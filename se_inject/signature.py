@@ -4,10 +4,14 @@ A block copied out of its scope's graph takes one input, but its module's ``forw
 more (timm's DLA blocks take ``shortcut`` and ``children``; a block may take ``scale``), and its
 parent calls it that way. The rewritten block takes every parameter the module takes. Values that
 were not tensors when the model called the block (``scale=0.5``, ``None``) are frozen into the
-traced graph, so the block checks them: called with other values it raises an ``AssertionError``
-that names the argument, instead of silently computing what the traced call computed. Tensors the
-block received besides its input are not read by its graph (else it could not be cut out), so
-any value is accepted for them.
+traced graph, so the block checks them, by type and value: called with another value, or with a
+value of another kind (a tensor, even one equal to the number: the graph would ignore it and its
+gradient; an ``int`` where a ``float`` was frozen; a ``bool`` for an ``int``), it raises an
+``AssertionError`` that names the argument, instead of silently computing what the traced call
+computed. The guards (:func:`require_none`, :func:`require_kind`, then ``==``) survive
+TorchScript; a scripted block raises ``torch.jit.Error`` with the same message instead, since
+TorchScript re-raises every exception as that class. Tensors the block received besides its
+input are not read by its graph (else it could not be cut out), so any value is accepted for them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import fx, nn
 
 from .capture import Call
 
-__all__ = ["Mirrored", "mirror_signature", "require_none"]
+__all__ = ["Mirrored", "mirror_signature", "require_none", "require_kind"]
 
 
 class Mirrored(NamedTuple):
@@ -32,9 +36,6 @@ class Mirrored(NamedTuple):
     problem: Optional[str]
     frozen: dict[str, Any]
 
-_GUARDABLE = (bool, int, float, str)
-
-
 @fx.wrap
 def require_none(value: Optional[torch.Tensor], message: str) -> None:
     """Raise an ``AssertionError`` with ``message`` unless ``value`` is None (scriptable)."""
@@ -42,8 +43,31 @@ def require_none(value: Optional[torch.Tensor], message: str) -> None:
         raise AssertionError(message)
 
 
+#: The types a frozen argument may have, by the name :func:`require_kind` takes.
+_KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+@torch.jit.unused
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` is a plain ``kind`` (``int`` excluding ``bool``, which changes what ops
+    compute: ``torch.full(s, True)`` is a bool tensor)."""
+    if isinstance(value, bool):
+        return kind == "bool"
+    return isinstance(value, {"bool": bool, "int": int, "float": float, "str": str}[kind])
+
+
+@fx.wrap
+def require_kind(value: Any, kind: str, message: str) -> None:
+    """Raise an ``AssertionError`` with ``message`` unless ``value`` is of ``kind`` (``"bool"``,
+    ``"int"``, ``"float"`` or ``"str"``). TorchScript checks the type from the signature itself,
+    so there this is a no-op; checked before the value, so that a tensor never meets ``==``."""
+    if not torch.jit.is_scripting():
+        if not _is_kind(value, kind):
+            raise AssertionError(message)
+
+
 def _guard(graph: fx.Graph, placeholder: fx.Node, value: Any, default: Any, message: str) -> bool:
-    """Insert a check that ``placeholder`` equals ``value``; False when it cannot be checked."""
+    """Insert a check that ``placeholder`` is ``value`` (same kind, equal); False when it cannot be checked."""
     if isinstance(value, torch.Tensor):  # not read by the graph: any tensor will do
         placeholder.type = Optional[torch.Tensor] if default is None else torch.Tensor
         return True
@@ -51,12 +75,14 @@ def _guard(graph: fx.Graph, placeholder: fx.Node, value: Any, default: Any, mess
         placeholder.type = Optional[torch.Tensor]  # what TorchScript needs to see for a None default
         graph.call_function(require_none, (placeholder, message))
         return True
-    if type(value) in _GUARDABLE:
-        placeholder.type = type(value)
-        same = graph.call_function(operator.eq, (placeholder, value))
-        graph.call_function(torch._assert, (same, message))
-        return True
-    return False
+    kind = _KINDS.get(type(value))
+    if kind is None:
+        return False
+    placeholder.type = type(value)
+    graph.call_function(require_kind, (placeholder, kind, message))
+    same = graph.call_function(operator.eq, (placeholder, value))
+    graph.call_function(torch._assert, (same, message))
+    return True
 
 
 def mirror_signature(gm: fx.GraphModule, module: nn.Module, call: Optional[Call], path: str) -> Mirrored:
@@ -90,8 +116,9 @@ def mirror_signature(gm: fx.GraphModule, module: nn.Module, call: Optional[Call]
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             value = bound.arguments.get(p.name, p.default)
-            message = (f"{path} was rewritten by se_inject for calls with {p.name}={value!r}, which its traced "
-                       f"graph fixes; call it so, or leave it out with exclude=[{path!r}]")
+            kind = "" if value is None or isinstance(value, torch.Tensor) else f" (a {type(value).__name__})"
+            message = (f"{path} was rewritten by se_inject for calls with {p.name}={value!r}{kind}, which its "
+                       f"traced graph fixes; call it so, or leave it out with exclude=[{path!r}]")
             if not _guard(graph, ph, value, p.default, message):
                 return Mirrored(f"it is called with {p.name}={type(value).__name__}, which cannot be checked", {})
     graph.lint()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -34,8 +35,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torchvision.ops
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
+from torch.nn.modules import module as _torch_module
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
+from . import hf
 from .block_module import HOOK_DICTS
 from .ops import LEAF_TYPES, is_regularizer_module
 
@@ -43,7 +46,8 @@ from .ops import LEAF_TYPES, is_regularizer_module
 #: traces; two traces at once would restore each other's patches. se_inject traces one at a time.
 TRACE_LOCK = threading.RLock()
 
-__all__ = ["SETracer", "TRACE_LOCK", "trace", "attributes_kept", "stash_hooks", "restore_hooks"]
+__all__ = ["SETracer", "TRACE_LOCK", "trace", "attributes_kept", "stash_hooks", "restore_hooks",
+           "global_hooks_suspended"]
 
 
 class SETracer(LeafModuleAwareTracer):
@@ -146,12 +150,18 @@ def stash_hooks(model: nn.Module) -> dict[int, dict[str, OrderedDict]]:
     """Remove every module hook under ``model`` and return them for :func:`restore_hooks`.
 
     User hooks must not run (on Proxies) while se_inject traces, nor be baked into a graph.
+    transformers' output-capturing hooks stay (:func:`se_inject.hf.is_output_capturing_hook`):
+    they are part of what the model computes (a backbone's feature maps are the hidden states
+    they collect), so without them the traced graph would compute something else. Hook dicts are
+    keyed by handle ids, which are unique in the process, so a kept hook's entries in the other
+    dicts (``_forward_hooks_with_kwargs``, ...) are found by its id.
     """
     stash = {}
     for m in model.modules():
         stash[id(m)] = {name: getattr(m, name) for name in HOOK_DICTS if hasattr(m, name)}
-        for name in stash[id(m)]:
-            setattr(m, name, OrderedDict())
+        kept = {k for k, hook in getattr(m, "_forward_hooks", {}).items() if hf.is_output_capturing_hook(hook)}
+        for name, hooks in stash[id(m)].items():
+            setattr(m, name, OrderedDict((k, v) for k, v in hooks.items() if k in kept))
     return stash
 
 
@@ -160,3 +170,48 @@ def restore_hooks(model: nn.Module, stash: dict[int, dict[str, OrderedDict]]) ->
     for m in model.modules():
         for name, hooks in stash.get(id(m), {}).items():
             setattr(m, name, hooks)
+
+
+#: torch's process-wide module hooks that run user code while a module runs: forward, forward-pre
+#: (``torch.nn.modules.module.register_module_forward_hook`` ...) and backward hooks.
+GLOBAL_RUN_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+                    "_global_backward_hooks")
+
+
+def _skipping(hook: Callable[..., Any], thread: int) -> Callable[..., Any]:
+    """``hook``, except in ``thread``, where it does nothing."""
+    @functools.wraps(hook)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == thread:
+            return None
+        return hook(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def global_hooks_suspended() -> Iterator[None]:
+    """Keep torch's global forward, forward-pre and backward module hooks from running in this
+    thread for the ``with`` body, as :func:`stash_hooks` does for the hooks of one model.
+
+    The hooks are process-wide, so they are not removed: each is wrapped, under its own id, in a
+    function that does nothing in this thread and calls it in every other thread, whose forwards
+    keep their hooks. Their handles keep working: one removed meanwhile stays removed, one
+    registered meanwhile stays registered, and on exit (an error included) every hook still
+    registered is itself again. The global *registration* hooks (buffers, modules, parameters)
+    are left alone: they describe how modules are built, and the SE blocks se_inject installs are
+    built during the analysis, so a hook that, say, moves every new parameter must see them.
+    """
+    thread = threading.get_ident()
+    wrapped: list[tuple[dict, Any, Callable[..., Any], Callable[..., Any]]] = []
+    for name in GLOBAL_RUN_HOOKS:
+        hooks = getattr(_torch_module, name)
+        for key, hook in list(hooks.items()):
+            wrapper = _skipping(hook, thread)
+            hooks[key] = wrapper
+            wrapped.append((hooks, key, hook, wrapper))
+    try:
+        yield
+    finally:
+        for hooks, key, hook, wrapper in wrapped:
+            if hooks.get(key) is wrapper:
+                hooks[key] = hook

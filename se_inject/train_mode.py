@@ -6,6 +6,12 @@ no check; only modules whose code runs inline in the traced graph do (those that
 and those inside the block that emitted none in eval mode but might in train mode), and only
 those whose code reads ``training`` (comments and strings do not count) are traced again in train
 mode, with the leaves and options of their scope.
+
+The two graphs are compared call by call with their constant arguments, not only their targets:
+``F.dropout(x, p, training=self.training)`` or ``F.batch_norm(..., self.training, ...)`` trace to
+the same calls in both modes, and only the frozen ``training=False`` tells them apart. Arguments
+that are nodes are compared by their place in the block (or as "from outside it"), so the
+comparison does not depend on node names, which an earlier block's extra train-mode nodes shift.
 """
 
 from __future__ import annotations
@@ -25,19 +31,41 @@ from .utils import kept_training_flags
 
 __all__ = ["TrainModeCheck"]
 
-Calls = dict[Optional[str], list[tuple[str, Any]]]
+Calls = dict[Optional[str], list[tuple[Any, ...]]]
+
+_CALLS = ("call_module", "call_function", "call_method")
+
+
+def _ref(seen: dict[fx.Node, int], node: fx.Node) -> tuple[Any, ...]:
+    """A node argument as the comparison sees it: its index among the nodes of the module call
+    (``seen``), or what it is when it comes from outside that call."""
+    if node in seen:
+        return ("node", seen[node])
+    return ("outside", node.op, None if node.op == "call_module" else node.target)
 
 
 def _calls_by_key(graph: fx.Graph) -> Calls:
-    """The (op, target) of every call, for the whole graph (key None) and per module call key."""
+    """The (op, target, args, kwargs) of every call, for the whole graph (key None) and per module
+    call key, node arguments as :func:`_ref` gives them."""
     calls: Calls = {None: []}
+    local: dict[Optional[str], dict[fx.Node, int]] = {None: {}}
     for node in graph.nodes:
-        if node.op in ("call_module", "call_function", "call_method"):
-            entry = (node.op, node.target)
-            calls[None].append(entry)
-            for key in node.meta.get("nn_module_stack", {}):
-                calls.setdefault(key, []).append(entry)
+        for key in (None, *node.meta.get("nn_module_stack", {})):
+            seen = local.setdefault(key, {})
+            if node.op in _CALLS:
+                ref = functools.partial(_ref, seen)
+                calls.setdefault(key, []).append(
+                    (node.op, node.target, fx.node.map_arg(node.args, ref), fx.node.map_arg(node.kwargs, ref)))
+            seen[node] = len(seen)
     return calls
+
+
+def _same(a: Optional[list[tuple[Any, ...]]], b: Optional[list[tuple[Any, ...]]]) -> bool:
+    """Whether two call lists are equal (a constant whose ``==`` fails or is not a bool: not equal)."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,10 +143,11 @@ class TrainModeCheck:
 
     def differs(self, scope: Scope, key: Optional[str]) -> bool:
         """Whether the block of ``scope`` under module call ``key`` (None: the scope root)
-        calls other things in train mode than in eval mode."""
+        calls other things, or the same things with other constant arguments, in train mode
+        than in eval mode."""
         if not _may_differ(scope, key):
             return False
         if id(scope) not in self._calls:
             self._calls[id(scope)] = (_calls_by_key(scope.gm.graph), _train_mode_calls(scope))
         evaluated, trained = self._calls[id(scope)]
-        return trained is None or trained.get(key) != evaluated.get(key)
+        return trained is None or not _same(trained.get(key), evaluated.get(key))

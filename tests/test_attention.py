@@ -272,6 +272,113 @@ def test_mid_is_skipped_with_a_reason_where_the_branch_has_no_mid_point():
     assert "no-mid-point" in se_inject.SKIP_REASONS
 
 
+class PreActInPlace(nn.Module):
+    """A pre-activation block whose first op writes its input in place: the shortcut reads the
+    activated tensor. ``late`` writes the input between two branch readers instead."""
+
+    def __init__(self, c: int = 8, late: bool = False) -> None:
+        super().__init__()
+        self.late = late
+        self.act0 = nn.ReLU(inplace=True)
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(2 * c if late else c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        if not self.late:
+            y = self.act0(x)  # x itself is now relu(x)
+            return self.bn2(self.conv2(self.act1(self.bn1(self.conv1(y))))) + x
+        h = self.act1(self.bn1(self.conv1(x)))  # reads x before the write
+        self.act0(x)  # the shortcut and the next reader see relu(x)
+        return self.bn2(self.conv2(torch.cat([h, x], 1))) + x
+
+
+def in_place_net(late: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PreActInPlace(late=late), nn.Conv2d(8, 4, 1)).eval()
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_a_placement_reads_what_the_block_reads_past_an_in_place_pre_activation(position):
+    """``position="pre"`` put the module between the input and an ``nn.ReLU(inplace=True)`` that
+    writes it: the ReLU then wrote the module's output, and the shortcut read the un-activated
+    input (identity init off by 0.825). The module must go after the in-place op, whose result is
+    what the branch and the shortcut both read; every position must equal the original."""
+    model = in_place_net()
+    result = se_inject.inject(model, example_inputs=X[:, :, :16, :16], position=position, identity_init=True)
+    if position == "mid":  # two 3x3 convs: no mid point
+        assert [s.reason for s in result.plan.skipped] == ["no-mid-point"]
+        return
+    (site,) = result.plan.sites
+    if position == "pre":
+        assert site.where == "act0 -> conv1"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x.clone()), model(x.clone()), rtol=1e-5, atol=1e-5)
+        se = result.model.get_submodule(site.name)
+        nn.init.normal_(se.fc2.bias, 2.0)
+        if position == "pre":  # and with a module that is not the identity: the hand-written SE-PRE
+            block, h = model[1], model[0](x)
+            a = se(block.act0(h))
+            expected = model[2](block.bn2(block.conv2(block.act1(block.bn1(block.conv1(a))))) + h)
+            torch.testing.assert_close(result.model(x), expected, rtol=0, atol=0)
+
+
+def test_a_placement_whose_tensor_is_written_between_its_readers_is_refused_with_a_reason():
+    """The input is written in place between two branch reads: a module read before the first one
+    cannot give the second what it reads. ``pre`` is refused (in-place-write); the others stand."""
+    model = in_place_net(late=True)
+    plan = se_inject.find_sites(model, example_inputs=X[:, :, :16, :16], position="pre")
+    assert not plan.sites and [s.reason for s in plan.skipped] == ["in-place-write"]
+    assert plan.skipped[0].detail == ("position='pre': ReLU 1.act0 writes 0 in place between the readers the module "
+                                      "takes over; the later ones would not see the write")
+    assert "in-place-write" in se_inject.SKIP_REASONS
+    x = torch.randn(2, 3, 16, 16)
+    for position in ("branch", "post", "identity"):
+        out = se_inject.apply(model, example_inputs=X[:, :, :16, :16], position=position, identity_init=True)
+        with torch.no_grad():
+            torch.testing.assert_close(out(x.clone()), model(x.clone()), rtol=1e-5, atol=1e-5)
+
+
+class AddsIntoItsInput(nn.Module):
+    """``x.add_(branch)``: the block writes the sum into its input, which its caller reads again."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x.add_(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return torch.relu(x)
+
+
+class ReadsTheInputAgain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 8, 3, padding=1), AddsIntoItsInput(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.block(h)
+        return self.head(y * h)  # h holds the block's sum
+
+
+def test_identity_on_a_shortcut_written_in_place_that_the_caller_reads_again_is_refused():
+    """At ``identity`` the module reads the shortcut, so ``x.add_(branch)`` would write the
+    module's output instead of ``x``, which the caller reads again afterwards."""
+    torch.manual_seed(0)
+    model = ReadsTheInputAgain().eval()
+    plan = se_inject.find_sites(model, example_inputs=X[:, :, :16, :16], position="identity")
+    assert not plan.sites and [s.reason for s in plan.skipped] == ["in-place-write"]
+    assert plan.skipped[0].detail == ("position='identity': add_ writes stem in place and mul reads it afterwards; "
+                                      "with the module before it, it would write the module's output instead")
+    x = torch.randn(2, 3, 16, 16)
+    for position in ("branch", "pre", "post"):
+        out = se_inject.apply(model, example_inputs=X[:, :, :16, :16], position=position, identity_init=True)
+        with torch.no_grad():
+            torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("spelling", ["iadd", "add_"])
 @pytest.mark.parametrize("position", POSITIONS)
 def test_positions_with_in_place_adds_compute_what_the_plain_add_does(spelling, position):

@@ -197,6 +197,46 @@ def test_a_block_that_traces_differently_in_train_mode_is_left_alone():
     assert [(s.name, s.reason) for s in plan.skipped] == [("1:add", "train-eval-differ")]
 
 
+class DropoutArgBlock(ResBlock):
+    """The classic WideResNet block: dropout through a call argument, no ``if self.training``."""
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = nn.functional.dropout(out, p=0.3, training=self.training)
+        return self.bn2(self.conv2(out)) + x
+
+
+class FunctionalNormBlock(ResBlock):
+    """``F.batch_norm(..., self.training, ...)``: normalises with batch statistics and updates the
+    running ones in train mode only."""
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        bn = self.bn2
+        out = nn.functional.batch_norm(self.conv2(out), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                       self.training, 0.1, bn.eps)
+        return self.relu(out + x)
+
+
+@pytest.mark.parametrize("block", [DropoutArgBlock, FunctionalNormBlock])
+def test_a_training_flag_passed_as_an_argument_is_a_train_eval_difference(block):
+    """Both modes trace to the same calls; only the frozen ``training=False`` differs. The block
+    must be left alone, so that the converted model still drops out / updates its statistics."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), block(16, 16), ResBlock(16, 16)).eval()
+    result = se_inject.inject(model, example_inputs=X32, identity_init=True)
+    assert [s.name for s in result.plan.sites] == ["2.se"]
+    assert [(s.name, s.reason) for s in result.plan.skipped] == [("1:add", "train-eval-differ")]
+    assert type(result.model[1]) is block
+    original, converted = copy.deepcopy(model).train(), copy.deepcopy(result.model).train()
+    torch.manual_seed(0)
+    expected = original(X32)
+    torch.manual_seed(0)
+    torch.testing.assert_close(converted(X32), expected, rtol=1e-5, atol=1e-5)  # the same dropout mask
+    torch.testing.assert_close(converted[1].bn2.running_mean, original[1].bn2.running_mean)
+    if block is FunctionalNormBlock:
+        assert original[1].bn2.running_mean.abs().sum() > 0  # updated in train mode
+
+
 class UntraceableRoot(nn.Module):
     def __init__(self):
         super().__init__()
@@ -268,6 +308,40 @@ def test_an_add_in_the_root_forward_makes_the_root_a_graph_module():
         out = se_inject.apply(model, example_inputs=X32)
     assert isinstance(out, fx.GraphModule) and isinstance(out.se, SEBlock)
     assert set(model.state_dict()) | {"se.fc1.weight", "se.fc1.bias", "se.fc2.weight", "se.fc2.bias"} == set(out.state_dict())
+
+
+class BlocksAndRootAdd(nn.Module):
+    """Residual blocks below, and a residual add in the root's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(ResBlock(8, 8), ResBlock(8, 8))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return x + torch.relu(self.conv(x))
+
+
+@pytest.mark.parametrize("call", [se_inject.apply, se_inject.inject])
+def test_inplace_on_a_model_whose_root_holds_an_add_is_refused_before_changing_it(call):
+    """The rewritten root is a new GraphModule, which cannot become the caller's object: converting
+    the blocks in place and returning the new root left the caller's model half converted (blocks
+    with SE, the root's add without). inplace=True must convert all or refuse before any change."""
+    model = BlocksAndRootAdd().eval()
+    before = snapshot(model)
+    with pytest.raises(OptionError, match=r"inplace=True cannot convert BlocksAndRootAdd itself: its own forward "
+                                          r"holds a residual add \(add_2\).*half converted.*inplace=False"):
+        call(model, example_inputs=X32, inplace=True)
+    assert_same_snapshot(before, snapshot(model))
+    assert not any(isinstance(m, (SEBlock, fx.GraphModule)) for m in model.modules())
+    with pytest.warns(GraphModuleRootWarning):
+        out = se_inject.apply(model, example_inputs=X32)
+    assert sorted(n for n, m in out.named_modules() if isinstance(m, SEBlock)) == ["blocks.0.se", "blocks.1.se", "se"]
+    # Without a root add, inplace=True still converts the object itself.
+    inner = nn.Sequential(nn.Conv2d(3, 8, 1), ResBlock(8, 8))
+    assert se_inject.apply(inner, example_inputs=X32, inplace=True) is inner and isinstance(inner[1].se, SEBlock)
 
 
 # -- idempotence and options ----------------------------------------------------------------------
@@ -344,6 +418,52 @@ def test_a_wrong_example_input_names_the_model_and_the_fix():
     model = torchvision.models.video.r3d_18()
     with pytest.raises(ExampleInputError, match=r"VideoResNet does not run on an example input of shape \[\(1, 3, 224, 224\)\] \(at stem.0\): RuntimeError: .*example_inputs="):
         se_inject.apply(model)
+
+
+class AliasingSumBlock(nn.Module):
+    """``out += x`` on an alias of ``out``: fx records a plain add (pytorch issue 68301), so the
+    traced graph computes something else, which only an output comparison can see."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        feat = out
+        out += x
+        return torch.relu(out) + feat
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 16, 16), (1, 3, 0, 0)], ids=["batch-0", "image-0x0"])
+def test_an_example_input_without_elements_is_refused_before_any_work(shape):
+    """On an empty input every output comparison passes vacuously: the block above, refused with a
+    real batch, would be installed and compute something else. It must be refused up front."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), AliasingSumBlock(), nn.Conv2d(8, 4, 1)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = se_inject.find_sites(model, example_inputs=torch.randn(1, 3, 16, 16))
+    assert not plan.sites and "unverified" in [s.reason for s in plan.skipped]
+    assert RefusedModuleWarning in [w.category for w in caught]
+    before = snapshot(model)
+    for call in (se_inject.apply, se_inject.inject, se_inject.find_sites):
+        with pytest.raises(ExampleInputError, match=rf"shape \({', '.join(map(str, shape))}\), which has no "
+                                                    rf"elements.*Pass a non-empty example"):
+            call(model, example_inputs=torch.randn(shape))
+    with pytest.raises(ExampleInputError, match="no elements"):  # inside a tuple too
+        se_inject.apply(model, example_inputs=(torch.randn(shape),))
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_a_batch_of_one_is_enough_for_a_model_with_batch_norm_in_train_mode():
+    """The analysis traces train mode but runs only eval mode, so BatchNorm's training rule (more
+    than one value per channel) never meets the default batch of 1, even at a 1x1 feature map."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResBlock(8, 8), nn.AdaptiveAvgPool2d(1),
+                          ResBlock(8, 8)).train()
+    result = se_inject.inject(model, example_inputs=torch.randn(1, 3, 8, 8))
+    assert [s.name for s in result.plan.sites] == ["1.se", "3.se"]
+    assert result.model.training and result.model[3].training
 
 
 class Untraceable(nn.Module):

@@ -101,6 +101,27 @@ def test_a_block_called_with_an_extra_argument_keeps_its_signature(strict):
         torch.testing.assert_close(scripted(X32), model(X32))
 
 
+@pytest.mark.parametrize("value", [torch.tensor(0.5, requires_grad=True), torch.tensor([0.5, 2.0]).view(2, 1, 1, 1),
+                                   1, True, "0.5"], ids=["0-dim-tensor", "per-sample-tensor", "int", "bool", "str"])
+def test_a_frozen_number_is_guarded_by_type_as_well_as_value(value):
+    """b1 was rewritten for ``scale=0.5``: its graph multiplies by the constant 0.5. A tensor equal
+    to it passed ``value == 0.5`` and was then ignored (its gradient silently lost); a per-sample
+    tensor raised a raw RuntimeError. Every value of another kind must fail the guard with the
+    AssertionError naming the argument, where the original module computes with it."""
+    model = randomize_norms(CallsWithScale()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = se_inject.apply(model, example_inputs=X32, identity_init=True).eval()
+    h = model.stem(X32)
+    with pytest.raises(AssertionError, match=r"b1 was rewritten by se_inject for calls with scale=0.5 \(a float\), "
+                                             r"which its traced graph fixes.*exclude=\['b1'\]"):
+        converted.b1(h, scale=value)
+    torch.testing.assert_close(converted.b1(h, scale=0.5), model.b1(h, scale=0.5))
+    if isinstance(value, torch.Tensor) and value.requires_grad:  # what the guard protects
+        model.b1(h, scale=value).sum().backward()
+        assert value.grad is not None and value.grad != 0
+
+
 def test_a_converted_block_still_takes_an_argument_it_ignores():
     """timm's DlaTree pattern: ``mid(x, shortcut)`` ignores ``shortcut``. Once converted, the block
     must still accept the call its parent makes (today its GraphModule takes ``x`` only, so only
@@ -337,6 +358,76 @@ def test_a_hook_handle_taken_before_inplace_apply_still_removes_the_hook():
     with torch.no_grad():
         model(X64)
     assert fired == [1], "the hook still fires on the swapped block after handle.remove()"
+
+
+class SpawnsAForward(ResBlock):
+    """Runs a small module's forward in another thread from inside its own forward: that thread's
+    calls must keep their global hooks while se_inject's analysis runs this block."""
+
+    other = nn.ReLU()
+
+    def forward(self, x):
+        import threading
+        worker = threading.Thread(target=self.other, args=(torch.zeros(1),))
+        worker.start()
+        worker.join()
+        return super().forward(x)
+
+
+def _global_hooks(seen: list[str]) -> list:
+    from torch.nn.modules import module as m
+    return [m.register_module_forward_pre_hook(lambda mod, a: seen.append(f"pre {type(mod).__name__}")),
+            m.register_module_forward_hook(lambda mod, a, o: seen.append(f"fwd {type(mod).__name__}")),
+            m.register_module_forward_hook(lambda mod, a, k, o: seen.append(f"kw {type(mod).__name__}"),
+                                           with_kwargs=True, always_call=True),
+            m.register_module_full_backward_hook(lambda mod, gi, go: seen.append(f"bwd {type(mod).__name__}"))]
+
+
+def test_global_module_hooks_do_not_run_during_the_analysis_and_are_restored_even_on_failure():
+    """Issue 23 row 6: a process-wide forward hook fired 190 times during one find_sites. Global
+    forward, forward-pre and backward hooks must stay silent in the calling thread during apply /
+    find_sites (not in other threads), and be back afterwards, also after a failed call, with
+    handles that still remove them."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), SpawnsAForward(16, 16), ResBlock(16, 16)).eval()
+    seen: list[str] = []
+    handles = _global_hooks(seen)
+    try:
+        plan = se_inject.find_sites(model, example_inputs=X32)
+        assert [s.name for s in plan.sites] == ["1.se", "2.se"]
+        out = se_inject.apply(model, example_inputs=X32, identity_init=True)
+        assert sorted(set(seen)) == ["fwd ReLU", "kw ReLU", "pre ReLU"], seen  # only the other thread's calls
+        with pytest.raises(OptionError, match="include pattern"):  # fails after the analysis
+            se_inject.apply(model, example_inputs=X32, include=["nowhere.*"])
+        with pytest.raises(SEInjectError):  # fails inside the analysis
+            se_inject.find_sites(model, example_inputs=torch.randn(2, 5, 32, 32))
+        seen.clear()
+        with torch.no_grad():
+            out(X32)
+        se = type(out[1].se).__name__
+        assert {f"pre {se}", f"fwd {se}", f"kw {se}", "fwd Sequential"} <= set(seen), seen
+        seen.clear()
+        model(X32).sum().backward()  # (SE's in-place ReLU, like any, cannot take a full backward hook)
+        assert {"fwd ResBlock", "bwd ResBlock", "bwd Conv2d"} <= set(seen), seen
+    finally:
+        for h in handles:
+            h.remove()
+    seen.clear()
+    out(X32)
+    model(X32).sum().backward()
+    assert seen == []
+
+
+def test_global_registration_hooks_still_see_the_se_blocks_built():
+    """The registration hooks are left alone: the SE blocks installed are built during the analysis,
+    and a hook that acts on every new parameter (device placement, say) must see theirs."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+    seen: list[str] = []
+    handle = register_module_parameter_registration_hook(lambda mod, name, p: seen.append(type(mod).__name__))
+    try:
+        se_inject.apply(nn.Sequential(nn.Conv2d(3, 16, 1), ResBlock(16, 16)).eval(), example_inputs=X32)
+    finally:
+        handle.remove()
+    assert "Conv2d" in seen  # SE's fc1 and fc2 are 1x1 convs
 
 
 # == 5. Inputs se_inject does not support: clear errors, or it works =================================

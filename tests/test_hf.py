@@ -200,6 +200,53 @@ def test_a_directory_whose_weights_do_not_match_is_refused(tmp_path):
         from_hf_directory(tmp_path)
 
 
+@pytest.mark.parametrize("model_cls, backbone_cls, config_cls", [
+    ("ConvNextModel", "ConvNextBackbone", "ConvNextConfig"), ("ConvNextV2Model", "ConvNextV2Backbone", "ConvNextV2Config")])
+@pytest.mark.parametrize("out_features", [["stage4"], ["stage2", "stage4"]])
+def test_a_backbone_gets_the_se_blocks_of_its_model(model_cls, backbone_cls, config_cls, out_features):
+    """A backbone builds its feature maps from the hidden states transformers' output-capturing
+    hooks collect. The analysis stashed those hooks with the user's, so the traced backbone
+    returned no feature maps and the last layer, read by nothing, was skipped (untraceable-block)."""
+    config = getattr(transformers, config_cls)(hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 2, 2],
+                                               out_features=out_features)
+    torch.manual_seed(0)
+    plain = se_inject.find_sites(getattr(transformers, model_cls)(config).eval(), example_inputs=X)
+    backbone = getattr(transformers, backbone_cls)(config).eval()
+    result = se_inject.inject(backbone, example_inputs=X, identity_init=True)
+    assert [s.name for s in result.plan.sites] == [s.name for s in plain.sites]
+    assert len(result.plan.sites) == 6
+    assert [(k.name, k.reason) for k in result.plan.skipped] == [(k.name, k.reason) for k in plain.skipped]
+    with torch.no_grad():
+        expected, got = backbone(X, output_hidden_states=True), result.model(X, output_hidden_states=True)
+    assert len(got.feature_maps) == len(out_features) and len(got.hidden_states) == 5
+    for a, b in zip((*expected.feature_maps, *expected.hidden_states), (*got.feature_maps, *got.hidden_states)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+class AsksForHiddenStates(torch.nn.Module):
+    """A user's model that reads a transformers model's hidden states: transformers installs its
+    capturing hooks on that first call, which is the analysis' own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = transformers.ConvNextModel(ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2))
+
+    def forward(self, x):
+        return self.net(x, output_hidden_states=True).hidden_states[1]
+
+
+def test_capturing_hooks_first_installed_during_the_analysis_are_kept():
+    """Installed lazily into the stashed hook dicts, the hooks were dropped with them while
+    transformers' "installed" flag stayed set: the converted model's hidden states were empty
+    (IndexError). The analysis prepares its copy first and keeps these hooks."""
+    torch.manual_seed(0)
+    model = AsksForHiddenStates().eval()
+    converted = se_inject.apply(model, example_inputs=X, identity_init=True)
+    assert isinstance(converted.net.encoder.stages[1].layers[0].se, se_inject.SEBlock)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(X), model(X), rtol=1e-4, atol=1e-5)
+
+
 def test_a_failed_inplace_swap_takes_transformers_capture_hooks_off_again():
     """se_inject installs transformers' output-capturing hooks (ConvNeXt records its stages) just
     before the swap; when the swap fails (a registration hook raises), the model gets its hooks back
