@@ -30,6 +30,7 @@ from torch import nn
 
 from . import ops
 from .errors import OptionError
+from .layer_checks import check_gate_module
 from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, SEResidual, resolve_layer
 from .utils import describe_error, join_path
 
@@ -76,10 +77,7 @@ class GainGate(nn.Module):
     def __init__(self, gate: Callable[[], nn.Module], gain: float = 2.0) -> None:
         super().__init__()
         self.gate = gate()
-        at_zero = float(self.gate(torch.zeros(1)).item())
-        if at_zero != 0.5:
-            raise OptionError(f"identity init needs a gate with gate(0) = 0.5 (sigmoid, hard_sigmoid); "
-                              f"{type(self.gate).__name__} gives {at_zero}")
+        check_gate_module(self.gate)  # gate(0) = 0.5 exactly, which the identity relies on
         self.register_buffer("gain", torch.tensor(float(gain)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

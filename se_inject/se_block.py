@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .errors import OptionError
+from .layer_checks import check_activation, check_gate, new_layer
 
 __all__ = ["SEBlock", "SEResidual", "se_hidden_channels", "set_kernels", "ACT_LAYERS", "GATE_LAYERS", "KERNELS",
            "OUT_ACTS", "resolve_layer"]
@@ -77,9 +78,13 @@ def resolve_layer(
 ) -> Type[nn.Module]:
     """Return the module class named by ``layer`` in ``registry``, or ``layer`` itself if a class.
 
+    A class given for :data:`ACT_LAYERS` must behave as an activation and one for
+    :data:`GATE_LAYERS` as a gate (:mod:`se_inject.layer_checks`): every layer class se_inject
+    uses passes through here.
+
     Raises:
-        OptionError: ``layer`` is an unknown name or not an ``nn.Module`` subclass; the message
-            lists the valid names.
+        OptionError: ``layer`` is an unknown name, not an ``nn.Module`` subclass, or a class that
+            is not an activation (a gate); the message lists the valid names.
     """
     if isinstance(layer, str):
         try:
@@ -89,10 +94,14 @@ def resolve_layer(
                 f"{option}={layer!r} is not a known name; use one of {sorted(registry)} "
                 f"or pass an nn.Module class"
             ) from None
-    if isinstance(layer, type) and issubclass(layer, nn.Module):
-        return layer
-    raise OptionError(f"{option} must be a name from {sorted(registry)} or an nn.Module class, "
-                      f"got {layer!r}")
+    if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
+        raise OptionError(f"{option} must be a name from {sorted(registry)} or an nn.Module class, "
+                          f"got {layer!r}")
+    if registry is GATE_LAYERS:
+        check_gate(layer, option, sorted(registry))
+    elif registry is ACT_LAYERS:
+        check_activation(layer, option, sorted(registry))
+    return layer
 
 
 def se_hidden_channels(channels: int, reduction: float = 16, divisor: Optional[int] = 8) -> int:
@@ -162,10 +171,7 @@ class SEBlock(nn.Module):
         self.squeeze_dims: list[int] = list(range(2, 2 + spatial_dims))
         self.fc1 = conv(channels, rd_channels, kernel_size=1, bias=True, **dd)
         act_cls = resolve_layer(act_layer, ACT_LAYERS, "act_layer")
-        try:
-            self.act = act_cls(inplace=True)
-        except TypeError:
-            self.act = act_cls()
+        self.act = new_layer(act_cls)
         self.fc2 = conv(rd_channels, channels, kernel_size=1, bias=True, **dd)
         gate_cls = resolve_layer(gate_layer, GATE_LAYERS, "gate_layer")
         self.gate = gate_cls()
@@ -361,7 +367,6 @@ class SEResidual(SEBlock):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self._forward(x, shortcut)
-
 
 def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
     """Choose how every SE block in ``model`` runs: one of :data:`KERNELS` ("auto", "plain",
