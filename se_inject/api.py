@@ -20,7 +20,7 @@ from .options import SEOptions, takes_options
 from .pipeline import analyse, install
 from .plan import Injection, SitePlan
 from .tracer import TRACE_LOCK, restore_hooks, stash_hooks
-from .utils import eval_mode, gc_paused, rng_kept, warn
+from .utils import eval_mode, gc_paused, rng_kept, torch_defaults, warn
 
 __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
 
@@ -42,7 +42,7 @@ def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0))
+    x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0), device="cpu")
     return (x.to(device=device, dtype=dtype),)
 
 
@@ -98,9 +98,13 @@ def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
 
 @contextlib.contextmanager
 def _session() -> Iterator[None]:
-    """What every call runs under: its turn on the lock, no GC pauses, and real tensors (new
-    parameters made under ``torch.inference_mode`` could never be trained)."""
-    with _LOCK, gc_paused(), torch.inference_mode(False):
+    """What every call runs under: its turn on the lock, no GC pauses, real tensors (new
+    parameters made under ``torch.inference_mode`` could never be trained), and torch's defaults
+    (:func:`~se_inject.utils.torch_defaults`): a caller's ambient device (``with
+    torch.device("meta")``, ``torch.set_default_device``) and autocast region are switched off,
+    so that the model is analysed, traced and verified in its own dtype, and SE blocks are built
+    on each site's device and in its dtype, not in the caller's autocast dtype."""
+    with _LOCK, gc_paused(), torch.inference_mode(False), torch_defaults():
         yield
 
 

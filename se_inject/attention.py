@@ -78,7 +78,7 @@ class GainGate(nn.Module):
         super().__init__()
         self.gate = gate()
         check_gate_module(self.gate)  # gate(0) = 0.5 exactly, which the identity relies on
-        self.register_buffer("gain", torch.tensor(float(gain)))
+        self.register_buffer("gain", torch.tensor(float(gain), device="cpu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(x) * self.gain
