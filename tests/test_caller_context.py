@@ -1,11 +1,14 @@
-"""What the caller's context must not change (issue 22 rows 7 and 11): apply called inside an
+"""What the caller's context must not change (issue 22 rows 7, 8 and 11): apply called inside an
 autocast region or under an ambient default device builds SE on the model's device and in its
-dtype.
+dtype, and wrappers (torch.compile, DataParallel, DistributedDataParallel, FSDP) are refused by
+class with what to do.
 
 Run:  PYTHONPATH=$PWD python -m pytest -q tests/test_caller_context.py -p no:cacheprovider
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import timm
@@ -13,8 +16,10 @@ import torch
 from torch import nn
 
 import se_inject
-from se_inject import NotAModuleError
+from se_inject import NotAModuleError, SEBlock, SEInjectError
+from tests.client_helpers import assert_unchanged, full_snapshot
 from tests.helpers import randomize_norms, small_resnet
+from tests.test_hardening import process_group  # noqa: F401 (a fixture: a single-process gloo group)
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -130,3 +135,51 @@ def test_a_model_built_inside_a_meta_device_context_is_refused_with_an_se_inject
         out, ref = converted.eval()(x).last_hidden_state, real(x).last_hidden_state
     if identity_init:
         assert torch.equal(out, ref)
+
+
+# -- wrappers -------------------------------------------------------------------------------------
+
+def test_a_compiled_model_is_refused_with_orig_mod():
+    """Issue 22 row 8: a torch.compile'd model got no SE and a warning that it has no residual add."""
+    model = timm.create_model("resnet18")
+    compiled = torch.compile(model)
+    before = full_snapshot(model)
+    for call in (se_inject.apply, se_inject.inject, se_inject.find_sites):
+        with pytest.raises(NotAModuleError, match=r"the model \(OptimizedModule\) is compiled by torch.compile.*"
+                                                  r"`\._orig_mod`.*torch\.compile\(se_inject\.apply"):
+            call(compiled, example_inputs=X64[:1])
+    assert_unchanged(before, model)
+    inner = small_resnet()
+    inner[1] = torch.compile(inner[1])
+    with pytest.raises(NotAModuleError, match=r"^1, a submodule of Sequential, \(OptimizedModule\) is compiled"):
+        se_inject.apply(inner, example_inputs=X32)
+
+
+def test_a_dataparallel_subclass_is_refused_with_module():
+    class MyDP(nn.DataParallel):
+        pass
+
+    for wrapper in (nn.DataParallel, MyDP):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = wrapper(small_resnet())
+        with pytest.raises(NotAModuleError, match=rf"\({wrapper.__name__}\) is wrapped in DataParallel.*`\.module`"):
+            se_inject.apply(wrapped, example_inputs=X32)
+
+
+def test_a_ddp_subclass_and_fsdp_are_refused_by_class(process_group):
+    """A subclass of DistributedDataParallel passed the old check by class name, and its reducer did
+    not see the new SE parameters. FSDP2's fully_shard changes the module's class in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    class MyDDP(nn.parallel.DistributedDataParallel):
+        pass
+
+    ddp = MyDDP(small_resnet())
+    before = full_snapshot(ddp)
+    with pytest.raises(NotAModuleError, match=r"\(MyDDP\) is wrapped in DistributedDataParallel.*`\.module`"):
+        se_inject.apply(ddp, example_inputs=X32, inplace=True)
+    assert_unchanged(before, ddp)
+    sharded = fully_shard(small_resnet())
+    with pytest.raises(SEInjectError, match=r"sharded by FSDP \(FSDPModule\).*then shard it"):
+        se_inject.apply(sharded, example_inputs=X32)
