@@ -240,11 +240,12 @@ def check_options(options: Any) -> None:
 
 
 def identity_check(options: Any) -> Optional[str]:
-    """How :func:`check_module` checks identity init: ``"exact"`` for timm attentions (zeroed, so
-    the output is the input bit for bit), ``"close"`` for SE and factories, None without it."""
+    """How :func:`check_module` checks identity init: ``"exact"`` for named attentions (timm's are
+    zeroed, se_inject's SE cancels exactly: the output is the input bit for bit), ``"close"`` for
+    factories, None without it."""
     if not options.identity_init:
         return None
-    return "exact" if isinstance(options.attn, str) and options.attn != "se" else "close"
+    return "exact" if isinstance(options.attn, str) else "close"
 
 
 def _timm_kwargs(options: Any, spec: Attention) -> dict[str, Any]:

@@ -16,6 +16,10 @@ autocast), once per class:
 Every way a layer class enters se_inject goes through :func:`se_inject.se_block.resolve_layer`,
 which calls :func:`check_activation` or :func:`check_gate`; :class:`se_inject.attention.GainGate`
 checks the gate module it builds with :func:`check_gate_module`.
+
+:func:`alive_point` is what identity init needs to know about an activation: a point where its
+value is known exactly in every float dtype and its slope is not zero (see
+:meth:`se_inject.se_block.SEBlock.init_identity_`).
 """
 
 from __future__ import annotations
@@ -31,15 +35,18 @@ from torch import nn
 from .errors import OptionError
 from .utils import describe_error, torch_defaults
 
-__all__ = ["new_layer", "check_activation", "check_gate", "check_gate_module"]
+__all__ = ["new_layer", "check_activation", "check_gate", "check_gate_module", "alive_point"]
 
 #: Where an activation is probed: its values here must not lie on one line.
 _POINTS = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Where a gate is probed for its range and monotonicity, beyond :data:`_POINTS`.
 _FAR = (1e30, 1e4, 100.0, 10.0)
+#: Dtypes in which an alive point's value must be exact.
+_EXACT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Per class: the reason it is not an activation / a gate (None: it is one).
+# Per class: the reason it is not an activation / a gate (None: it is one), and its alive point.
 _VERDICTS: "weakref.WeakKeyDictionary[type, dict[str, Optional[str]]]" = weakref.WeakKeyDictionary()
+_ALIVE: "weakref.WeakKeyDictionary[type, Optional[float]]" = weakref.WeakKeyDictionary()
 
 
 def new_layer(cls: Callable[..., nn.Module]) -> nn.Module:
@@ -189,3 +196,42 @@ def check_gate_module(module: nn.Module, option: str = "gate_layer") -> None:
     if problem is not None:
         raise _gate_error(type(module).__name__, problem, option, ())
 
+
+def _exact_at(cls: type, point: float, value: float) -> bool:
+    """Whether the activation gives exactly ``value`` at ``point`` in every float dtype it runs in
+    (float32 must be one), and a non-zero slope there."""
+    module = new_layer(cls)
+    ran_float32 = False
+    for dtype in _EXACT_DTYPES:
+        try:
+            y = module(torch.full((1, 1), point, dtype=dtype))
+        except Exception:
+            continue
+        if not isinstance(y, torch.Tensor) or float(y.flatten()[0]) != value:
+            return False
+        ran_float32 |= dtype == torch.float32
+    x = torch.full((1, 1), point, requires_grad=True)
+    with torch.enable_grad():
+        try:
+            (grad,) = torch.autograd.grad(module(x.clone()).sum(), x)
+        except Exception:
+            return False
+    return ran_float32 and float(grad.flatten()[0]) != 0.0
+
+
+def alive_point(cls: type) -> Optional[float]:
+    """Where identity init can put a hidden unit that is alive for every input: 1.0 when the
+    activation gives exactly ``act(1) = 1`` (ReLU, ReLU6, ELU, LeakyReLU), else 0.0 when it gives
+    exactly ``act(0) = 0`` (SiLU, GELU, Hardswish, Mish, Tanh), each in float32, float64, bfloat16
+    and float16 and with a non-zero slope there; None when it has neither (Sigmoid, Softplus).
+
+    >>> alive_point(nn.ReLU), alive_point(nn.SiLU), alive_point(nn.Sigmoid)
+    (1.0, 0.0, None)
+    """
+    if cls not in _ALIVE:
+        with _probing():
+            try:
+                _ALIVE[cls] = next((p for p in (1.0, 0.0) if _exact_at(cls, p, p)), None)
+            except Exception:
+                _ALIVE[cls] = None
+    return _ALIVE[cls]

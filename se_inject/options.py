@@ -57,8 +57,9 @@ class SEOptions:
                                                           "nn.Module class.", metavar="NAME", choices=sorted(ACT_LAYERS))
     gate_layer: LayerSpec = _option(DEFAULTS["gate_layer"], "gate of the excitation: a name or an nn.Module class.",
                                     metavar="NAME", choices=sorted(GATE_LAYERS))
-    identity_init: bool = _option(False, "start every SE block as an exact identity (outputs unchanged, "
-                                         "every SE parameter still gets gradients).", action="store_true")
+    identity_init: bool = _option(False, "start every SE block as an exact identity (outputs unchanged bit for "
+                                         "bit; every SE parameter gets gradients from the first step, or the "
+                                         "second: see SEBlock.init_identity_).", action="store_true")
     include: Optional[tuple[str, ...]] = _option(
         None, "glob patterns on block paths (e.g. 'layer4.*'): only matching blocks get SE. None: all.",
         action="append", metavar="PATTERN", note="repeatable")
