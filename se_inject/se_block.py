@@ -23,6 +23,7 @@ from typing import Any, Optional, Type, Union
 import torch
 from timm.layers import make_divisible
 from torch import fx, nn
+from torch.nn.modules import module as _module_module  # where torch keeps its global module hooks
 from torch.nn import functional as F
 
 from .errors import OptionError
@@ -147,6 +148,8 @@ class SEBlock(nn.Module):
         ['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight']
     """
 
+    _act_module = None  # the model's activation module that an SEResidual stands for, if any
+
     def __init__(
         self,
         channels: int,
@@ -187,11 +190,32 @@ class SEBlock(nn.Module):
         return self._forward(x, None)
 
     def _forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            fused = self._fused(x, shortcut)
-            if fused is not None:
-                return fused
+        if not torch.jit.is_scripting():  # (TorchScript compiles nothing under this test)
+            if not self._act_as_module(x):
+                fused = self._fused(x, shortcut)
+                if fused is not None:
+                    return fused
         return self._plain(x, shortcut)
+
+    @torch.jit.unused
+    def _act_as_module(self, x: torch.Tensor) -> bool:
+        """Whether the activation after the add must run as the model's own module (see
+        :meth:`SEResidual.stand_for_activation_`): while fx traces the block, so that the trace
+        holds the module's call under its own path, and while that module has hooks (its own or
+        global ones), so that they fire as in the original model."""
+        module = self._act_module
+        if module is None:
+            return False
+        return isinstance(x, fx.Proxy) or any(
+            bool(hooks) for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                                      module._backward_pre_hooks, _module_module._global_forward_hooks,
+                                      _module_module._global_forward_pre_hooks,
+                                      _module_module._global_backward_hooks,
+                                      _module_module._global_backward_pre_hooks))
+
+    @torch.jit.unused
+    def _run_act_module(self, y: torch.Tensor) -> torch.Tensor:
+        return self._act_module(y)
 
     def gate_of(self, x: torch.Tensor) -> torch.Tensor:
         """The channel weights, (N, C), that the block multiplies ``x`` by."""
@@ -225,10 +249,17 @@ class SEBlock(nn.Module):
             y = torch.addcmul(shortcut, x, g)
         if shortcut is not None and self.add_in_place:
             y = y.to(x.dtype)  # `x += shortcut` keeps x's dtype (a no-op where they agree)
+        return self._activate(y)
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        """The activation after the add (``out_act``), on this block's own new tensor ``y``."""
+        if not torch.jit.is_scripting():
+            if self.out_act != "none" and self._act_as_module(y):
+                return self._run_act_module(y)
         if self.out_act == "relu":
-            y = torch.relu_(y)  # y is this block's own new tensor, and neither op above saves it
-        elif self.out_act == "silu":
-            y = F.silu(y)
+            return torch.relu_(y)  # neither op that made y saves it
+        if self.out_act == "silu":
+            return F.silu(y)
         return y
 
     @torch.jit.unused
@@ -395,6 +426,24 @@ class SEResidual(SEBlock):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self._forward(x, shortcut)
+
+    def stand_for_activation_(self, module: nn.Module) -> "SEResidual":
+        """Compute ``out_act`` for ``module``, the model's own activation module after the add
+        (``layer1.0.act2``), which the rewritten block no longer calls itself.
+
+        The block keeps a reference to it, not a child (it stays where it is, so state_dict keys
+        and module paths do not change): where the fused op or plain ops compute the activation,
+        they do so by name; while fx traces the block, and while the module has hooks, the block
+        calls the module instead, so a trace (``create_feature_extractor(model,
+        return_nodes=["layer1.0.act2"])``) holds it under its own path and its hooks fire as in the
+        original model. ``copy.deepcopy`` and pickling keep the two pointing at one module.
+        """
+        if self.out_act == "none":
+            raise OptionError("stand_for_activation_ is for an SEResidual that computes the activation after its "
+                              "add (out_act='relu' or 'silu'); this one has out_act='none'")
+        self.__dict__["_act_module"] = module  # not nn.Module.__setattr__: not a child
+        return self
+
 
 def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
     """Choose how every SE block in ``model`` runs: one of :data:`KERNELS` ("auto", "plain",
