@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -22,14 +23,39 @@ from .options import SEOptions, takes_options
 from .pipeline import analyse, install
 from .plan import Injection, SitePlan
 from .tracer import TRACE_LOCK, global_hooks_suspended, restore_hooks, stash_hooks
-from .utils import eval_mode, gc_paused, rng_kept, warn
+from .utils import eval_mode, gc_paused, rng_kept, torch_defaults, warn
 
 __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
 
 #: se_inject's calls take turns: they share fx's process-wide patching (see tracer.TRACE_LOCK).
 _LOCK = TRACE_LOCK
 
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+def _wrapper_classes() -> list[tuple[type, str, str]]:
+    """The wrappers se_inject refuses, by class: (class, what it is, what to do instead). A class
+    from a module not imported yet cannot have instances, so nothing is imported here."""
+    found: list[tuple[type, str, str]] = []
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is not None and hasattr(dynamo, "OptimizedModule"):
+        found.append((dynamo.OptimizedModule, "compiled by torch.compile, whose compiled code would not run the "
+                                              "new SE blocks",
+                      "apply se_inject to the original module, `._orig_mod`, and compile the result "
+                      "(torch.compile(se_inject.apply(model._orig_mod)))"))
+    unwrap = ("apply se_inject to its `.module` before wrapping it "
+              "(model = Wrapper(se_inject.apply(model.module)))")
+    found.append((nn.parallel.DistributedDataParallel, "wrapped in DistributedDataParallel, whose reducer would not "
+                                                       "see the new SE parameters", unwrap))
+    found.append((nn.DataParallel, "wrapped in DataParallel, whose replicas are made from the module it was given",
+                  unwrap))
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    shard = ("apply se_inject to the unsharded model, then shard it (fully_shard(se_inject.apply(model)), "
+             "or FSDP(se_inject.apply(model)))")
+    for name in ("FullyShardedDataParallel", "FSDPModule"):  # FSDP1's wrapper, FSDP2's fully_shard class
+        cls = getattr(fsdp, name, None) if fsdp is not None else None
+        if isinstance(cls, type):
+            found.append((cls, f"sharded by FSDP ({name}), whose flat or sharded parameters would not hold the "
+                               f"new SE parameters", shard))
+    return found
 
 
 def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
@@ -44,7 +70,7 @@ def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0))
+    x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0), device="cpu")
     return (x.to(device=device, dtype=dtype),)
 
 
@@ -64,11 +90,12 @@ def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise NotAModuleError(f"se_inject needs a torch.nn.Module, got {type(model).__name__}; "
                               f"build the model first (e.g. timm.create_model(name)).")
-    if type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
-        raise NotAModuleError(
-            f"the model is wrapped in {type(model).__name__}, which would not see the new SE parameters; "
-            f"apply se_inject to its .module before wrapping it (model = Wrapper(se_inject.apply(model))).")
+    wrappers = _wrapper_classes()
     for path, m in model.named_modules():
+        for cls, what, fix in wrappers:
+            if isinstance(m, cls):
+                where = "the model" if not path else f"{path}, a submodule of {type(model).__name__},"
+                raise NotAModuleError(f"{where} ({type(m).__name__}) is {what}; {fix}.")
         lazy = isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
         if lazy:
             raise NotAModuleError(f"{path or '<root>'} ({type(m).__name__}) is a lazy module whose parameters do not "
@@ -116,9 +143,13 @@ def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
 @contextlib.contextmanager
 def _session() -> Iterator[None]:
     """What every call runs under: its turn on the lock, no GC pauses, real tensors (new
-    parameters made under ``torch.inference_mode`` could never be trained), and no global module
-    hooks running in this thread (the model's own hooks are stashed by :func:`_analysed`)."""
-    with _LOCK, gc_paused(), torch.inference_mode(False), global_hooks_suspended():
+    parameters made under ``torch.inference_mode`` could never be trained), no global module
+    hooks running in this thread (the model's own hooks are stashed by :func:`_analysed`), and
+    torch's defaults (:func:`~se_inject.utils.torch_defaults`): a caller's ambient device (``with
+    torch.device("meta")``, ``torch.set_default_device``) and autocast region are switched off,
+    so that the model is analysed, traced and verified in its own dtype, and SE blocks are built
+    on each site's device and in its dtype, not in the caller's autocast dtype."""
+    with _LOCK, gc_paused(), torch.inference_mode(False), global_hooks_suspended(), torch_defaults():
         yield
 
 

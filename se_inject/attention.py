@@ -30,6 +30,7 @@ from torch import nn
 
 from . import ops
 from .errors import OptionError
+from .layer_checks import check_gate_module
 from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, SEResidual, resolve_layer
 from .utils import describe_error, join_path
 
@@ -76,11 +77,8 @@ class GainGate(nn.Module):
     def __init__(self, gate: Callable[[], nn.Module], gain: float = 2.0) -> None:
         super().__init__()
         self.gate = gate()
-        at_zero = float(self.gate(torch.zeros(1)).item())
-        if at_zero != 0.5:
-            raise OptionError(f"identity init needs a gate with gate(0) = 0.5 (sigmoid, hard_sigmoid); "
-                              f"{type(self.gate).__name__} gives {at_zero}")
-        self.register_buffer("gain", torch.tensor(float(gain)))
+        check_gate_module(self.gate)  # gate(0) = 0.5 exactly, which the identity relies on
+        self.register_buffer("gain", torch.tensor(float(gain), device="cpu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(x) * self.gain
@@ -242,11 +240,12 @@ def check_options(options: Any) -> None:
 
 
 def identity_check(options: Any) -> Optional[str]:
-    """How :func:`check_module` checks identity init: ``"exact"`` for timm attentions (zeroed, so
-    the output is the input bit for bit), ``"close"`` for SE and factories, None without it."""
+    """How :func:`check_module` checks identity init: ``"exact"`` for named attentions (timm's are
+    zeroed, se_inject's SE cancels exactly: the output is the input bit for bit), ``"close"`` for
+    factories, None without it."""
     if not options.identity_init:
         return None
-    return "exact" if isinstance(options.attn, str) and options.attn != "se" else "close"
+    return "exact" if isinstance(options.attn, str) else "close"
 
 
 def _timm_kwargs(options: Any, spec: Attention) -> dict[str, Any]:

@@ -8,8 +8,11 @@ graph. A block that cannot stand on its own (it reads several outside values, re
 or uses a module outside itself) is retried at the next enclosing module.
 
 Where SE sits right before the add (no trailing drop-path between), the SE block takes the add
-over, and the activation that is the add's only reader: ``se(branch, shortcut)`` computes
+over, and the activation module that is the add's only reader: ``se(branch, shortcut)`` computes
 ``act(SE(branch) + shortcut)``, one fused pass on CUDA (see :class:`se_inject.se_block.SEBlock`).
+The module stays in the block, and SE calls it where traces and hooks need it
+(:meth:`~se_inject.se_block.SEResidual.stand_for_activation_`); a functional activation has no
+module to call, so it stays in the graph, under its node name.
 """
 
 from __future__ import annotations
@@ -51,12 +54,14 @@ class StandIn(nn.Module):
 class Placement(NamedTuple):
     """An SE block in a rewritten block: its attribute name, its add, and the residual tail it
     takes over (``fused``: the activation after the add, ``"none"`` for none; None when SE sits
-    before the add and the add stays)."""
+    before the add and the add stays). ``activation`` is the path, in the block, of the
+    activation module SE computes for (see :meth:`SEResidual.stand_for_activation_`)."""
 
     name: str
     candidate: "Candidate"
     fused: Optional[str]
     add_in_place: bool
+    activation: Optional[str] = None
 
 
 def skip_name(scope: Scope, node: fx.Node) -> str:
@@ -238,11 +243,16 @@ class _Extraction:
                        and not (is_inplace_add(consumer) and consumer.args[0] is not tail))
             if fusable:
                 out_act = residual_activation(consumer, lambda n: gm.get_submodule(str(n.target)))
-                in_place = is_inplace_add(consumer)
                 activation = next(iter(consumer.users)) if out_act else None
+                if activation is not None and activation.op != "call_module":
+                    # A functional activation would vanish from traces of the converted model
+                    # (its node name, which feature extractors ask for): it stays in the graph.
+                    out_act, activation = None, None
+                in_place = is_inplace_add(consumer)
                 point = InsertionPoint(tail, consumer, name, StandIn(out_act or "none", in_place),
                                        shortcut=self.env[v.shortcut], activation=activation)
-                placements.append(Placement(name, cand, out_act or "none", in_place))
+                placements.append(Placement(name, cand, out_act or "none", in_place,
+                                            str(activation.target) if activation is not None else None))
             else:
                 placements.append(Placement(name, cand, None, False))
             points.append(point)

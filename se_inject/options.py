@@ -17,7 +17,6 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, Type, TypeVar, Union
 
-import torch
 from torch import nn
 
 from . import attention
@@ -25,7 +24,6 @@ from .attention import ATTENTIONS, DEFAULTS, attention_label, given
 from .errors import OptionError
 from .placement import POSITIONS
 from .se_block import ACT_LAYERS, GATE_LAYERS, KERNELS, SEBlock, SEResidual, resolve_layer, se_hidden_channels
-from .utils import describe_error
 
 __all__ = ["SEOptions", "LayerSpec", "takes_options", "option_names"]
 
@@ -59,8 +57,9 @@ class SEOptions:
                                                           "nn.Module class.", metavar="NAME", choices=sorted(ACT_LAYERS))
     gate_layer: LayerSpec = _option(DEFAULTS["gate_layer"], "gate of the excitation: a name or an nn.Module class.",
                                     metavar="NAME", choices=sorted(GATE_LAYERS))
-    identity_init: bool = _option(False, "start every SE block as an exact identity (outputs unchanged, "
-                                         "every SE parameter still gets gradients).", action="store_true")
+    identity_init: bool = _option(False, "start every SE block as an exact identity (outputs unchanged bit for "
+                                         "bit; every SE parameter gets gradients from the first step, or the "
+                                         "second: see SEBlock.init_identity_).", action="store_true")
     include: Optional[tuple[str, ...]] = _option(
         None, "glob patterns on block paths (e.g. 'layer4.*'): only matching blocks get SE. None: all.",
         action="append", metavar="PATTERN", note="repeatable")
@@ -109,7 +108,7 @@ class SEOptions:
         object.__setattr__(self, "include", None if self.include is None else _patterns("include", self.include))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
         if isinstance(self.attn, str) and self.attn == "se":
-            _check_layers(self)  # small SE blocks with these layers, identity init included
+            _check_layers(self)  # an activation and a gate, checked by behaviour
         else:
             if self.kernels != "auto":
                 raise OptionError(f"kernels={self.kernels!r} is for attn='se' (se_inject's SE blocks); "
@@ -187,30 +186,11 @@ class SEOptions:
 
 
 def _check_layers(options: SEOptions) -> None:
-    """Build and run small SE blocks with the options' layers, so that a class that is not an
-    activation or a gate (``act_layer=nn.Conv2d``) is refused before any analysis, and identity
-    init is checked for exactness at odd and even hidden widths."""
-    act = resolve_layer(options.act_layer, ACT_LAYERS, "act_layer")
-    gate = resolve_layer(options.gate_layer, GATE_LAYERS, "gate_layer")
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
-        for width in (1, 2, 3) if options.identity_init else (2,):
-            _probe(act, gate, width, options.identity_init)
-
-
-def _probe(act: type, gate: type, width: int, identity_init: bool) -> None:
-    """Build and run one small SE block; raise an OptionError naming the layers if that fails."""
-    try:
-        block = SEBlock(8, rd_channels=width, act_layer=act, gate_layer=gate)
-        out = block(torch.randn(2, 8, 3, 3))
-    except Exception as e:
-        raise OptionError(f"act_layer={act.__name__} / gate_layer={gate.__name__} cannot make an SE block: "
-                          f"{describe_error(e)}; pass activation and gate classes (or names) that map a "
-                          f"tensor to one of the same shape") from None
-    if out.shape != (2, 8, 3, 3):
-        raise OptionError(f"act_layer={act.__name__} / gate_layer={gate.__name__} change the shape of the "
-                          f"excitation; pass elementwise activation and gate classes")
-    if identity_init:
-        block.init_identity_()  # raises for a gate with gate(0) != 0.5 or an inexact identity
+    """Resolve the options' layers, so that a class that is not an activation or a gate
+    (``act_layer=nn.Conv2d``, ``gate_layer=nn.Identity``) is refused before any analysis; the
+    check is :mod:`se_inject.layer_checks`'s, run by :func:`resolve_layer`."""
+    resolve_layer(options.act_layer, ACT_LAYERS, "act_layer")
+    resolve_layer(options.gate_layer, GATE_LAYERS, "gate_layer")
 
 
 def option_names() -> list[str]:

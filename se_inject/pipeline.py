@@ -184,8 +184,12 @@ def _new_blocks(target: nn.Module, rewrites: list[BlockRewrite], options: SEOpti
     built = {}
     for rw in rewrites:
         block = target.get_submodule(rw.path) if rw.path else target
-        # the modules analyse built and checked (attention.build_sites_modules)
+        # the modules analyse built and checked (attention.build_sites_modules); SE that computes
+        # the activation after its add stands for the block's own activation module
         se_blocks = {p.name: p.candidate.module.train(block.training) for p in rw.placements}
+        for p in rw.placements:
+            if p.activation is not None:
+                se_blocks[p.name].stand_for_activation_(block.get_submodule(p.activation))
         built[rw.path] = graph_module_like(block, rw.gm.graph, extra=se_blocks)
     return built
 

@@ -22,10 +22,12 @@ from typing import Any, Optional, Type, Union
 
 import torch
 from timm.layers import make_divisible
-from torch import nn
+from torch import fx, nn
+from torch.nn.modules import module as _module_module  # where torch keeps its global module hooks
 from torch.nn import functional as F
 
 from .errors import OptionError
+from .layer_checks import alive_point, check_activation, check_gate, new_layer
 
 __all__ = ["SEBlock", "SEResidual", "se_hidden_channels", "set_kernels", "ACT_LAYERS", "GATE_LAYERS", "KERNELS",
            "OUT_ACTS", "resolve_layer"]
@@ -78,9 +80,13 @@ def resolve_layer(
 ) -> Type[nn.Module]:
     """Return the module class named by ``layer`` in ``registry``, or ``layer`` itself if a class.
 
+    A class given for :data:`ACT_LAYERS` must behave as an activation and one for
+    :data:`GATE_LAYERS` as a gate (:mod:`se_inject.layer_checks`): every layer class se_inject
+    uses passes through here.
+
     Raises:
-        OptionError: ``layer`` is an unknown name or not an ``nn.Module`` subclass; the message
-            lists the valid names.
+        OptionError: ``layer`` is an unknown name, not an ``nn.Module`` subclass, or a class that
+            is not an activation (a gate); the message lists the valid names.
     """
     if isinstance(layer, str):
         try:
@@ -90,10 +96,14 @@ def resolve_layer(
                 f"{option}={layer!r} is not a known name; use one of {sorted(registry)} "
                 f"or pass an nn.Module class"
             ) from None
-    if isinstance(layer, type) and issubclass(layer, nn.Module):
-        return layer
-    raise OptionError(f"{option} must be a name from {sorted(registry)} or an nn.Module class, "
-                      f"got {layer!r}")
+    if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
+        raise OptionError(f"{option} must be a name from {sorted(registry)} or an nn.Module class, "
+                          f"got {layer!r}")
+    if registry is GATE_LAYERS:
+        check_gate(layer, option, sorted(registry))
+    elif registry is ACT_LAYERS:
+        check_activation(layer, option, sorted(registry))
+    return layer
 
 
 def se_hidden_channels(channels: int, reduction: float = 16, divisor: Optional[int] = 8) -> int:
@@ -139,6 +149,8 @@ class SEBlock(nn.Module):
         ['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight']
     """
 
+    _act_module = None  # the model's activation module that an SEResidual stands for, if any
+
     def __init__(
         self,
         channels: int,
@@ -163,10 +175,7 @@ class SEBlock(nn.Module):
         self.squeeze_dims: list[int] = list(range(2, 2 + spatial_dims))
         self.fc1 = conv(channels, rd_channels, kernel_size=1, bias=True, **dd)
         act_cls = resolve_layer(act_layer, ACT_LAYERS, "act_layer")
-        try:
-            self.act = act_cls(inplace=True)
-        except TypeError:
-            self.act = act_cls()
+        self.act = new_layer(act_cls)
         self.fc2 = conv(rd_channels, channels, kernel_size=1, bias=True, **dd)
         gate_cls = resolve_layer(gate_layer, GATE_LAYERS, "gate_layer")
         self.gate = gate_cls()
@@ -182,11 +191,32 @@ class SEBlock(nn.Module):
         return self._forward(x, None)
 
     def _forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            fused = self._fused(x, shortcut)
-            if fused is not None:
-                return fused
+        if not torch.jit.is_scripting():  # (TorchScript compiles nothing under this test)
+            if not self._act_as_module(x):
+                fused = self._fused(x, shortcut)
+                if fused is not None:
+                    return fused
         return self._plain(x, shortcut)
+
+    @torch.jit.unused
+    def _act_as_module(self, x: torch.Tensor) -> bool:
+        """Whether the activation after the add must run as the model's own module (see
+        :meth:`SEResidual.stand_for_activation_`): while fx traces the block, so that the trace
+        holds the module's call under its own path, and while that module has hooks (its own or
+        global ones), so that they fire as in the original model."""
+        module = self._act_module
+        if module is None:
+            return False
+        return isinstance(x, fx.Proxy) or any(
+            bool(hooks) for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                                      module._backward_pre_hooks, _module_module._global_forward_hooks,
+                                      _module_module._global_forward_pre_hooks,
+                                      _module_module._global_backward_hooks,
+                                      _module_module._global_backward_pre_hooks))
+
+    @torch.jit.unused
+    def _run_act_module(self, y: torch.Tensor) -> torch.Tensor:
+        return self._act_module(y)
 
     def gate_of(self, x: torch.Tensor) -> torch.Tensor:
         """The channel weights, (N, C), that the block multiplies ``x`` by."""
@@ -220,10 +250,17 @@ class SEBlock(nn.Module):
             y = torch.addcmul(shortcut, x, g)
         if shortcut is not None and self.add_in_place:
             y = y.to(x.dtype)  # `x += shortcut` keeps x's dtype (a no-op where they agree)
+        return self._activate(y)
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        """The activation after the add (``out_act``), on this block's own new tensor ``y``."""
+        if not torch.jit.is_scripting():
+            if self.out_act != "none" and self._act_as_module(y):
+                return self._run_act_module(y)
         if self.out_act == "relu":
-            y = torch.relu_(y)  # y is this block's own new tensor, and neither op above saves it
-        elif self.out_act == "silu":
-            y = F.silu(y)
+            return torch.relu_(y)  # neither op that made y saves it
+        if self.out_act == "silu":
+            return F.silu(y)
         return y
 
     @torch.jit.unused
@@ -287,60 +324,88 @@ class SEBlock(nn.Module):
 
     @torch.no_grad()
     def init_identity_(self) -> "SEBlock":
-        """Make the block an exact identity at initialisation while every parameter still learns.
+        """Make the block an exact identity at initialisation, at any input scale, in any dtype.
 
         The gate is multiplied by a gain of 2 (as NFNets do), so a gate pre-activation of 0 gives
-        ``2 * sigmoid(0) = 1`` and the block returns its input. A zero pre-activation for *every*
-        input is obtained with "mirrored" hidden units (as in looks-linear initialisation):
-        hidden unit ``k + j`` copies the ``fc1`` row and bias of unit ``j``, and ``fc2`` gives it
-        the opposite weight, so each pair contributes ``w * relu(u) - w * relu(u) = 0``; ``fc2``'s
-        bias is zero. Unlike zeroing ``fc2`` (which leaves ``fc1`` without gradient until ``fc2``
-        has moved), every parameter gets a non-zero gradient on the first backward pass: the
-        pair's ``fc1`` rows receive opposite gradients, which breaks the symmetry. With an odd
-        hidden width the unpaired unit is made a constant (zero ``fc1`` row, bias 1: ``act(1)``)
-        whose contribution ``fc2``'s bias cancels; it too gets gradients. Outputs equal the input up
-        to float rounding (the terms cancel inside one matrix product), in train and eval mode.
+        ``2 * gate(0) = 2 * 0.5 = 1`` and the block returns its input bit for bit. The
+        pre-activation ``fc2(act(fc1(s)))`` is made exactly 0 for *every* squeeze ``s``:
+
+        * ``fc2``'s columns are zero except the last one, and its bias is zero, so every hidden
+          unit but the last adds ``0 * act(h) = 0``, exactly;
+        * the last hidden unit is made *alive for every input*: its ``fc1`` row is zero and its bias
+          is a point ``z`` where the activation's value is exact (:func:`~se_inject.layer_checks.
+          alive_point`): ``z = 1`` where ``act(1) = 1`` (ReLU, ReLU6, ELU, LeakyReLU), and then
+          ``fc2``'s bias is minus that column, so the unit adds ``w * 1 - w = 0``; ``z = 0`` where
+          ``act(0) = 0`` (SiLU, GELU, Hardswish, Mish, Tanh), and the unit adds ``w * 0 = 0``. Its
+          ``fc2`` column keeps its random values, rounded to bfloat16 so that ``w * 1`` is exact
+          wherever a matmul rounds its inputs (TF32, bfloat16, float16).
+
+        So the sum is a sum of exact zeros and of ``w`` and ``-w``: 0 in every summation order,
+        with or without FMA, on every device and in every dtype, however large the squeezed means
+        (mirrored hidden units, which this replaces, cancelled only up to rounding inside one matrix
+        product: 5e-5 off at means of 1e4). An activation with neither point (Sigmoid, Softplus)
+        gets a zero ``fc2`` and no alive unit.
+
+        Gradients. Wherever the loss depends on the gate (``dL/dgate != 0``; it does not where SE's
+        input is all zero, e.g. after a zero-initialised last BatchNorm), on the *first* backward
+        pass:
+
+        * ``fc2.bias`` gets ``dL/dpre``;
+        * with an activation whose alive point is 1 (ReLU): ``fc1.weight``, ``fc1.bias`` (the
+          alive unit's row, through its non-zero ``fc2`` column and ``act'(1) != 0``) and
+          ``fc2.weight`` (the alive unit's column, ``dL/dpre * act(1)``) get non-zero gradients
+          too, even when every other hidden ReLU is dead for the batch;
+        * with an alive point of 0 (SiLU, GELU): ``fc1`` gets one through the alive unit
+          (``act'(0) != 0``), and ``fc2.weight`` through the other hidden units, whose activations
+          are not zero; with a hidden width of 1 there are none, and ``fc2.weight``'s first
+          gradient comes on the second step, once ``fc1`` has moved the unit off 0;
+        * without an alive point: ``fc2.weight`` from the first step, ``fc1`` from the second (once
+          ``fc2`` is no longer zero).
+
+        The other hidden units' ``fc1`` rows get gradients once their ``fc2`` columns have moved
+        off zero (from the second step), like any zero-initialised last layer. Outputs equal the
+        input in train and eval mode.
 
         Returns:
             ``self``, for chaining.
+
+        Raises:
+            OptionError: the block is not an exact identity afterwards (a gate or activation that
+                computes something else on this device or dtype than on the CPU probes).
         """
-        gate_at_zero = float(self.gate(torch.zeros(1)).item())
-        if abs(gate_at_zero - 0.5) > 1e-6:
-            raise OptionError(
-                f"identity init needs a gate with gate(0) = 0.5 (sigmoid, hard_sigmoid); "
-                f"{type(self.gate).__name__} gives {gate_at_zero}"
-            )
-        k = self.rd_channels // 2
+        last = self.rd_channels - 1
         w1, b1 = self.fc1.weight, self.fc1.bias
         w2, b2 = self.fc2.weight, self.fc2.bias
-        w1[k : 2 * k] = w1[:k]
-        b1[k : 2 * k] = b1[:k]
-        w2[:, k : 2 * k] = -w2[:, :k]
+        point = alive_point(type(self.act))
+        w2[:, :last] = 0.0
         b2.zero_()
-        if self.rd_channels % 2:
-            # The unpaired unit: a zero fc1 row and a bias of 1 make it the constant act(1), which
-            # fc2's bias cancels; its fc1 row still gets a gradient (through its fc2 column).
-            w1[-1] = 0.0
-            b1[-1] = 1.0
-            b2 -= w2[:, -1].flatten() * self.act(torch.ones((), dtype=b2.dtype, device=b2.device))
+        if point is None:
+            w2.zero_()
+        else:
+            w1[last] = 0.0
+            b1[last] = point
+            if point != 0.0:  # act(z) = z = 1: the unit adds w * 1, which the bias takes back
+                w2[:, last] = w2[:, last].to(torch.bfloat16).to(w2.dtype)
+                b2.copy_(-w2[:, last].flatten())
         self.set_gain_(2.0)
         self._check_identity()
         return self
 
     def _check_identity(self) -> None:
-        """Raise an OptionError when the block is not the identity (an act that is not
-        elementwise, such as Softmax, breaks the unpaired unit of an odd hidden width)."""
+        """Raise an OptionError unless the gate is exactly 1 on a probe input, on the block's own
+        device and dtype (meta blocks are not checked)."""
         w = self.fc1.weight
         if w.device.type == "meta":
             return
-        x = torch.randn((2, self.channels) + (3,) * self.spatial_dims, device=w.device, dtype=w.dtype,
-                        generator=torch.Generator(device=w.device).manual_seed(0))
+        x = torch.randn((2, self.channels) + (3,) * self.spatial_dims, device="cpu",
+                        generator=torch.Generator(device="cpu").manual_seed(0)).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             g = self.gate_of(x)
-        if not torch.allclose(g, torch.ones_like(g), rtol=0, atol=1e-5):
-            raise OptionError(f"identity init is not exact with act_layer={type(self.act).__name__} and a hidden "
-                              f"width of {self.rd_channels} (the gate is off 1 by up to "
-                              f"{float((g - 1).abs().max()):.3g}); use an elementwise activation such as 'relu'")
+        if not torch.equal(g, torch.ones_like(g)):
+            raise OptionError(f"identity init is not exact with act_layer={type(self.act).__name__} and "
+                              f"gate_layer={type(self.gate).__name__} on {w.device} {w.dtype} (the gate is off 1 by "
+                              f"up to {float((g - 1).abs().max()):.3g}); use an activation and a gate such as "
+                              f"'relu' and 'sigmoid'")
 
     def extra_repr(self) -> str:
         parts = [f"gain={float(self.gain)}"] if self.has_gain else []
@@ -374,6 +439,23 @@ class SEResidual(SEBlock):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self._forward(x, shortcut)
+
+    def stand_for_activation_(self, module: nn.Module) -> "SEResidual":
+        """Compute ``out_act`` for ``module``, the model's own activation module after the add
+        (``layer1.0.act2``), which the rewritten block no longer calls itself.
+
+        The block keeps a reference to it, not a child (it stays where it is, so state_dict keys
+        and module paths do not change): where the fused op or plain ops compute the activation,
+        they do so by name; while fx traces the block, and while the module has hooks, the block
+        calls the module instead, so a trace (``create_feature_extractor(model,
+        return_nodes=["layer1.0.act2"])``) holds it under its own path and its hooks fire as in the
+        original model. ``copy.deepcopy`` and pickling keep the two pointing at one module.
+        """
+        if self.out_act == "none":
+            raise OptionError("stand_for_activation_ is for an SEResidual that computes the activation after its "
+                              "add (out_act='relu' or 'silu'); this one has out_act='none'")
+        self.__dict__["_act_module"] = module  # not nn.Module.__setattr__: not a child
+        return self
 
 
 def set_kernels(model: nn.Module, kernels: str) -> nn.Module:

@@ -16,8 +16,11 @@ from torch.utils._pytree import tree_map
 
 __all__ = [
     "join_path", "relative_path", "first_line", "describe_error", "clone_tensors", "kept_training_flags",
-    "eval_mode", "gc_paused", "rng_kept", "warn", "version", "describe_mismatch",
+    "eval_mode", "gc_paused", "rng_kept", "torch_defaults", "warn", "version", "describe_mismatch",
 ]
+
+#: Device types whose autocast :func:`torch_defaults` switches off (those torch knows by name).
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla")
 
 
 def join_path(*parts: str) -> str:
@@ -141,3 +144,39 @@ def rng_kept(model: nn.Module) -> Iterator[None]:
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=devices):
         yield
+
+
+@contextlib.contextmanager
+def torch_defaults() -> Iterator[None]:
+    """Run with torch's own defaults: no ambient default device and no autocast.
+
+    A caller's ``with torch.device("meta"):`` or ``torch.set_default_device(...)`` (a
+    ``DeviceContext`` on torch's function-mode stack) is taken off the stack for the duration, and
+    put back on exit, so that factory calls without a device (se_inject's own, and those fx records
+    while tracing) make CPU tensors as they would anywhere else, instead of tensors on a device the
+    model is not on. Autocast is switched off on every device type where it is on, so that modules
+    are built and checked in the dtype of the tensors they will see, and outputs are compared in
+    the model's own dtype. Other function modes stay as they are. The stack is thread-local, as is
+    autocast's state.
+    """
+    from torch.overrides import _pop_mode, _push_mode  # how torch's own DeviceContext moves itself
+    from torch.utils import _device
+
+    saved = [_pop_mode() for _ in range(torch._C._len_torch_function_stack())]  # innermost first
+    for mode in reversed(saved):
+        if not isinstance(mode, _device.DeviceContext):
+            _push_mode(mode)
+    current, _device.CURRENT_DEVICE = _device.CURRENT_DEVICE, None
+    try:
+        with contextlib.ExitStack() as stack:
+            for device_type in _AUTOCAST_DEVICE_TYPES + (torch._C._get_privateuse1_backend_name(),):
+                if (torch.amp.autocast_mode.is_autocast_available(device_type)
+                        and torch.is_autocast_enabled(device_type)):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
+    finally:
+        for _ in range(torch._C._len_torch_function_stack()):
+            _pop_mode()
+        for mode in reversed(saved):
+            _push_mode(mode)
+        _device.CURRENT_DEVICE = current

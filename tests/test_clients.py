@@ -540,6 +540,133 @@ def test_torchvision_fpn_backbone_on_a_converted_resnet():
     assert list(out) == ["0", "1", "2", "pool"] and all(v.shape[1] == 64 for v in out.values())
 
 
+# -- the activation after the add, which SE computes (fuse_residual=True) ---------------------------
+
+def _act_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    tv = name.startswith("tv:")
+    model = torchvision.models.get_model(name[3:], weights=None) if tv else timm.create_model(name)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)  # not timm's zero-init last BN: SE then sees real branches
+    return model.eval()
+
+
+# (model, the activation modules after the adds: their node names in a trace of the original)
+ACT_NODES = [("resnet18", ["layer1.0.act2", "layer2.1.act2", "layer4.1.act2"]),
+             ("tv:resnet18", ["layer1.0.relu_1", "layer3.0.relu_1", "layer4.1.relu_1"])]
+
+
+@pytest.mark.parametrize("name, nodes", ACT_NODES, ids=[n for n, _ in ACT_NODES])
+def test_a_feature_extractor_of_the_activations_after_the_adds_works_on_the_converted_model(name, nodes):
+    """Issue 22 row 5: SE that does its add also computes the activation after it, so traces of the
+    converted model lost ``layer1.0.act2`` and ``create_feature_extractor(model, ["layer1.0.act2"])``
+    raised "node 'layer1.0.act2' is not present". The node keeps its name and its values."""
+    model = _act_model(name)
+    converted = se_inject.apply(model, example_inputs=randn((1, 3, 64, 64)), identity_init=True).eval()
+    assert any(getattr(m, "out_act", "none") != "none" for m in converted.modules())  # the tail is fused
+    original_nodes = get_graph_node_names(model)[1]
+    converted_nodes = get_graph_node_names(converted)[1]
+    act_nodes = [n for n in original_nodes if n.rsplit(".", 1)[-1].startswith(("act", "relu"))]
+    assert set(nodes) <= set(act_nodes) and not set(act_nodes) - set(converted_nodes)
+    x = randn((2, 3, 64, 64))
+    with torch.no_grad():
+        want = create_feature_extractor(model, return_nodes=nodes)(x)
+        got = create_feature_extractor(converted, return_nodes=nodes)(x)
+    assert list(got) == nodes
+    for node in nodes:
+        assert torch.equal(got[node], want[node]), node
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("name, nodes", ACT_NODES, ids=[n for n, _ in ACT_NODES])
+def test_hooks_on_the_activation_after_the_add_fire_in_the_converted_model(name, nodes, inplace):
+    """Issue 22 row 5: a forward hook on ``layer1[0].act2`` stayed registered but stopped firing. Hooks
+    registered before apply (carried by the copy, or the caller's own modules with inplace=True) and
+    after it fire with the inputs and outputs of the original; a pre-hook changing the input counts."""
+    model = _act_model(name)
+    path = nodes[0].removesuffix("_1")
+    x = randn((2, 3, 64, 64))
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    record = lambda tag: lambda m, args, out: seen.append((tag, args[0].detach().clone(), out.detach().clone()))
+    handle = model.get_submodule(path).register_forward_hook(record("before"))
+    with torch.no_grad():
+        expected = model(x)
+    original, seen[:] = list(seen), []
+    converted = se_inject.apply(model, example_inputs=x[:1], identity_init=True, inplace=inplace).eval()
+    assert (converted is model) == inplace
+    with torch.no_grad():
+        out = converted(x)
+    assert torch.equal(out, expected) and len(seen) == len(original) > 0
+    for (_, a_in, a_out), (_, b_in, b_out) in zip(seen, original):
+        assert torch.equal(a_in, b_in) and torch.equal(a_out, b_out)
+    act = converted.get_submodule(path)
+    handle.remove()  # removes the hook from the caller's module (with inplace=True, the converted one)
+    act._forward_hooks.clear()
+    seen.clear()
+    late = act.register_forward_hook(record("after"))
+    with torch.no_grad():
+        converted(x)
+    assert [tag for tag, *_ in seen] == ["after"] * len(original)
+    late.remove()
+    zeroed = act.register_forward_pre_hook(lambda m, args: (torch.zeros_like(args[0]),))
+    with torch.no_grad():
+        y = converted(x)
+    zeroed.remove()
+    model_again = _act_model(name)
+    model_again.get_submodule(path).register_forward_pre_hook(lambda m, args: (torch.zeros_like(args[0]),))
+    with torch.no_grad():
+        assert torch.equal(y, model_again(x))
+        seen.clear()
+        assert torch.equal(converted(x), expected) and not seen
+
+
+class _FunctionalTail(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + x)
+
+
+def test_a_functional_activation_after_the_add_keeps_its_node_name():
+    """A functional activation has no module SE could call under its path while fx traces, so SE does
+    the add only and the activation stays in the block's graph: ``1.relu_1`` is still a node."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _FunctionalTail(), _FunctionalTail()).eval()
+    converted = se_inject.apply(model, example_inputs=randn((1, 3, 16, 16)), identity_init=True).eval()
+    assert [m.out_act for m in converted.modules() if isinstance(m, se_inject.SEResidual)] == ["none", "none"]
+    nodes = ["1.relu_1", "2.relu_1"]
+    assert set(nodes) <= set(get_graph_node_names(model)[1]) & set(get_graph_node_names(converted)[1])
+    x = randn((2, 3, 16, 16))
+    with torch.no_grad():
+        want = create_feature_extractor(model, return_nodes=nodes)(x)
+        got = create_feature_extractor(converted, return_nodes=nodes)(x)
+    assert all(torch.equal(got[n], want[n]) for n in nodes)
+
+
+def test_copies_of_a_converted_model_keep_se_pointing_at_their_own_activation_module():
+    """SE keeps a reference to the activation it computes for, not a child; deepcopy and pickle must
+    keep the two one module (a hook on the copy's act2 fires in the copy, not in the original)."""
+    import pickle
+
+    converted = se_inject.apply(_act_model("resnet18"), example_inputs=randn((1, 3, 64, 64)))
+    for copied in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        fired = []
+        copied.layer2[1].act2.register_forward_hook(lambda m, a, o: fired.append(1))
+        with torch.no_grad():
+            converted(randn((1, 3, 64, 64)))
+            assert not fired
+            copied(randn((1, 3, 64, 64)))
+        assert fired == [1]
+        assert copied.layer2[1].se._act_module is copied.layer2[1].act2
+        assert sorted(copied.state_dict()) == sorted(converted.state_dict())
+
+
 # -- deployment -------------------------------------------------------------------------------------
 
 DEPLOY = ["resnet10t", pytest.param("mobilenetv2_100", marks=pytest.mark.slow),
