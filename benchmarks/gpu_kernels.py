@@ -8,6 +8,9 @@ starts no section that would not fit in what is left of its time budget (170 s b
     python benchmarks/gpu_kernels.py              # --out benchmarks/results/gpu-kernels.jsonl
     python benchmarks/gpu_kernels.py --interpret-smoke    # CPU, TRITON_INTERPRET=1, tiny shapes
 
+``gpu_se.py`` runs it twice: sections 1-2 first (``--no-timings``), section 3 after its model
+benchmarks (``--timings-only``, with ``--plain-only`` if the checks failed), as its budget ranks them.
+
 1. ``check``: the op against ``se_residual_reference`` (fp32, on the same values) in fp32 and
    bf16, NCHW (7x7 and 14x14 maps too) and channels_last, 1-D/2-D/3-D, an in-place add with a
    wider shortcut, forward and every gradient, batch-1 shapes that split the squeeze, with the
@@ -403,6 +406,11 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--interpret-smoke", action="store_true",
                    help="CPU tensors through Triton's interpreter, tiny shapes (checks code paths)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile checks")
+    p.add_argument("--no-timings", action="store_true",
+                   help="checks only: no per-stage timings (gpu_se.py runs them later, in a second process)")
+    p.add_argument("--timings-only", action="store_true",
+                   help="the per-stage timings alone, for kernels whose checks passed in an earlier process "
+                        "(with --plain-only: torch's rows only)")
     p.add_argument("--plain-only", action="store_true",
                    help=argparse.SUPPRESS)  # the restart after a CUDA error in the kernel checks
     args = p.parse_args(argv)
@@ -422,7 +430,10 @@ def main(argv: Optional[list] = None) -> int:
               interpreted=fused.INTERPRETED, argv=sys.argv[1:], time=time.strftime("%FT%T%z"))
     if args.plain_only:
         rec.kernels_ok = False
-        rec.write("plain kernels", reason=PLAIN_ONLY + " (restarted after a CUDA error)")
+        rec.write("plain kernels", reason=PLAIN_ONLY + (" (the checks failed in an earlier process)"
+                                                        if args.timings_only else " (restarted after a CUDA error)"))
+    elif args.timings_only:
+        rec.write("checks skipped", reason="--timings-only: the kernel checks passed in an earlier process")
     else:
         error = guarded(rec, "checks", run_checks, fused, rec, device,
                         SMOKE_CHECKS if args.interpret_smoke else CHECKS)
@@ -432,11 +443,12 @@ def main(argv: Optional[list] = None) -> int:
                 return _restart_plain_only(rec, argv)
         if not rec.kernels_ok:
             rec.write("plain kernels", reason=PLAIN_ONLY)
-    rec.write("checks done", kernels_ok=rec.kernels_ok)
-    if not args.no_compile:
+    if not args.timings_only:
+        rec.write("checks done", kernels_ok=rec.kernels_ok)
+    if not (args.no_compile or args.timings_only):
         compile_sections(fused, rec, device, args.interpret_smoke)
     batch = 2 if args.interpret_smoke else args.batch_size
-    for C, side in STAGES:
+    for C, side in [] if args.no_timings else STAGES:
         for layout in LAYOUTS:
             if rec.left() < 10:
                 rec.write("skipped", what=f"stage {C}x{side}x{side} {layout}", reason="time budget")

@@ -81,6 +81,28 @@ def test_a_cuda_error_in_the_checks_restarts_the_rest_with_plain_kernels(tmp_pat
     assert [r["kind"] for r in _records(out)][-2:] == ["error", "restart"]
 
 
+def test_no_timings_runs_the_checks_and_the_compile_sections_only(tmp_path, monkeypatch, sections):
+    monkeypatch.setattr(gpu_kernels, "run_checks", lambda fused, rec, device, checks: rec.write("check", ok=True))
+    out = tmp_path / "k.jsonl"
+    assert gpu_kernels.main(["--interpret-smoke", "--out", str(out), "--no-timings"]) == 0
+    assert sections == ["compile op", "compile training step", "export"]
+    assert {"kind": "checks done", "kernels_ok": True} in _records(out)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_timings_only_times_every_stage_without_checking_or_compiling_again(tmp_path, monkeypatch, sections, plain):
+    # gpu_se.py's second run, after its model sections: --plain-only when the first run's checks failed
+    monkeypatch.setattr(gpu_kernels, "run_checks", lambda *args: pytest.fail("the checks ran again"))
+    out = tmp_path / "k.jsonl"
+    argv = ["--interpret-smoke", "--out", str(out), "--timings-only"] + (["--plain-only"] if plain else [])
+    assert gpu_kernels.main(argv) == (2 if plain else 0)
+    assert sorted(sections) == sorted(("time", layout, not plain) for _ in gpu_kernels.STAGES
+                                      for layout in gpu_kernels.LAYOUTS)
+    kinds = [r["kind"] for r in _records(out)]
+    assert "checks done" not in kinds  # gpu_se.py reads the verdict of the run that checked
+    assert ("plain kernels" if plain else "checks skipped") in kinds
+
+
 @pytest.mark.parametrize("exit_code,checks_ok,plain", [(0, True, False), (1, True, False), (2, False, True),
                                                        (-11, None, True)])
 def test_gpu_se_runs_its_model_sections_with_plain_kernels_unless_the_kernel_checks_passed(
