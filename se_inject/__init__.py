@@ -32,7 +32,7 @@ from .options import SEOptions
 from .plan import SKIP_REASONS, Injection, Site, SitePlan, Skip, Untraceable
 from .recipe import load, save
 from .report import Report, build_report
-from .se_block import KERNELS, SEBlock, SEResidual, se_hidden_channels, set_kernels
+from .modules.se_block import KERNELS, SEBlock, SEResidual, se_hidden_channels, set_kernels
 from .utils import version as _version
 
 __version__ = _version()

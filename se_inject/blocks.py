@@ -9,9 +9,9 @@ or uses a module outside itself) is retried at the next enclosing module.
 
 Where SE sits right before the add (no trailing drop-path between), the SE block takes the add
 over, and the activation module that is the add's only reader: ``se(branch, shortcut)`` computes
-``act(SE(branch) + shortcut)``, one fused pass on CUDA (see :class:`se_inject.se_block.SEBlock`).
+``act(SE(branch) + shortcut)``, one fused pass on CUDA (see :class:`se_inject.modules.se_block.SEBlock`).
 The module stays in the block, and SE calls it where traces and hooks need it
-(:meth:`~se_inject.se_block.SEResidual.stand_for_activation_`); a functional activation has no
+(:meth:`~se_inject.modules.se_block.SEResidual.stand_for_activation_`); a functional activation has no
 module to call, so it stays in the graph, under its node name.
 """
 

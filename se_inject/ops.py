@@ -20,7 +20,7 @@ import torchvision.ops as tv_ops
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .se_block import SEBlock
+from .modules.se_block import SEBlock
 
 __all__ = [
     "CONV_TYPES",

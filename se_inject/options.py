@@ -19,11 +19,11 @@ from typing import Any, Callable, Mapping, Optional, Type, TypeVar, Union
 
 from torch import nn
 
-from . import attention
-from .attention import ATTENTIONS, DEFAULTS, attention_label, given
+from .modules import attentions as attention
+from .modules.attentions import ATTENTIONS, DEFAULTS, attention_label, given
 from .errors import OptionError
 from .placement import POSITIONS
-from .se_block import ACT_LAYERS, GATE_LAYERS, KERNELS, SEBlock, SEResidual, resolve_layer, se_hidden_channels
+from .modules.se_block import ACT_LAYERS, GATE_LAYERS, KERNELS, SEBlock, SEResidual, resolve_layer, se_hidden_channels
 
 __all__ = ["SEOptions", "LayerSpec", "takes_options", "option_names"]
 
@@ -188,7 +188,7 @@ class SEOptions:
 def _check_layers(options: SEOptions) -> None:
     """Resolve the options' layers, so that a class that is not an activation or a gate
     (``act_layer=nn.Conv2d``, ``gate_layer=nn.Identity``) is refused before any analysis; the
-    check is :mod:`se_inject.layer_checks`'s, run by :func:`resolve_layer`."""
+    check is :mod:`se_inject.layers`'s, run by :func:`resolve_layer`."""
     resolve_layer(options.act_layer, ACT_LAYERS, "act_layer")
     resolve_layer(options.gate_layer, GATE_LAYERS, "gate_layer")
 

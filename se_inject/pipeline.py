@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .attention import build_sites_modules, site_record
+from .modules.attentions import build_sites_modules, site_record
 from .blocks import BlockRewrite, Candidate, build_blocks, skip_name
 from .capture import Call, outputs_match, recording
 from .errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError

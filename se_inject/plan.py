@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .attention import attention_label, given
+from .modules.attentions import attention_label, given
 from .options import SEOptions
 
 __all__ = ["SKIP_REASONS", "Site", "Skip", "Untraceable", "SitePlan", "Injection"]

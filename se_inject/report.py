@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .attention import attention_label, given
+from .modules.attentions import attention_label, given
 from .plan import Injection, Site, Skip, Untraceable
-from .se_block import SEBlock
+from .modules.se_block import SEBlock
 from .utils import eval_mode
 
 __all__ = ["SiteCost", "Report", "build_report", "count_flops", "FLOPS_NOTE"]

@@ -7,7 +7,7 @@
   ``DropPath`` / ``StochasticDepth`` keep their train-mode behaviour);
 * the modules and functions of timm's no-trace registry (``timm.layers._fx``), which is what makes
   timm models traceable; se_inject looks inside those leaves separately;
-* se_inject's own :class:`~se_inject.se_block.SEBlock`, and other libraries' ``*DropPath``
+* se_inject's own :class:`~se_inject.modules.se_block.SEBlock`, and other libraries' ``*DropPath``
   modules (:func:`~se_inject.ops.is_regularizer_module`);
 * any module object passed in ``extra_leaves``.
 

@@ -1,6 +1,6 @@
 """act_layer and gate_layer are checked by what they do (issue 23 row 5): an activation is
 elementwise and nonlinear, a gate maps 0 to 0.5 and everything into [0, 1], monotonically. The check
-lives in se_inject.layer_checks and every way in (SEOptions, apply, SEBlock, timm attentions, the
+lives in se_inject.layers and every way in (SEOptions, apply, SEBlock, timm attentions, the
 gain gates of identity init) goes through it.
 
 Run:  PYTHONPATH=$PWD python -m pytest -q tests/test_layer_checks.py -p no:cacheprovider
@@ -14,7 +14,7 @@ from torch import nn
 
 import se_inject
 from se_inject import OptionError, SEBlock
-from se_inject.attention import GainGate
+from se_inject.modules.attentions import GainGate
 from tests.helpers import small_resnet
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from ..api import default_example_inputs, inject
-from ..attention import given
+from ..modules.attentions import given
 from ..errors import NoResidualAddsError, NoResidualAddsWarning
 from ..options import SEOptions
 from ..report import build_report, count_flops
-from ..se_block import ACT_LAYERS, GATE_LAYERS, resolve_layer, set_kernels
+from ..modules.se_block import ACT_LAYERS, GATE_LAYERS, resolve_layer, set_kernels
 from ..sources import from_hf_directory, is_hf_directory, timm_source
 from ..utils import eval_mode
 from .results import ModelBench, VariantInfo

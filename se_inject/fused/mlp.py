@@ -20,13 +20,13 @@ __all__ = ["ACTS", "GATES", "MLPState", "MLPGrads", "check_names", "mlp_forward"
 
 aten = torch.ops.aten
 
-#: Activations between fc1 and fc2 (the names of ``se_inject.se_block.ACT_LAYERS``).
+#: Activations between fc1 and fc2 (the names of ``se_inject.modules.se_block.ACT_LAYERS``).
 ACTS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "swish": F.silu, "gelu": F.gelu,
     "hard_swish": F.hardswish, "mish": F.mish,
 }
 
-#: Gates after fc2 (the names of ``se_inject.se_block.GATE_LAYERS``).
+#: Gates after fc2 (the names of ``se_inject.modules.se_block.GATE_LAYERS``).
 GATES: dict[str, Callable[[Tensor], Tensor]] = {"sigmoid": torch.sigmoid,
                                                 "hard_sigmoid": F.hardsigmoid}
 

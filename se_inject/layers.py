@@ -13,13 +13,13 @@ autocast), once per class:
 * a **gate** is elementwise, maps 0 to exactly 0.5, maps every input (-1e30 ... 1e30) into
   [0, 1], and is non-decreasing and not constant there (``sigmoid``, ``hard_sigmoid``).
 
-Every way a layer class enters se_inject goes through :func:`se_inject.se_block.resolve_layer`,
-which calls :func:`check_activation` or :func:`check_gate`; :class:`se_inject.attention.GainGate`
+Every way a layer class enters se_inject goes through :func:`se_inject.modules.se_block.resolve_layer`,
+which calls :func:`check_activation` or :func:`check_gate`; :class:`se_inject.modules.attentions.GainGate`
 checks the gate module it builds with :func:`check_gate_module`.
 
 :func:`alive_point` is what identity init needs to know about an activation: a point where its
 value is known exactly in every float dtype and its slope is not zero (see
-:meth:`se_inject.se_block.SEBlock.init_identity_`).
+:meth:`se_inject.modules.se_block.SEBlock.init_identity_`).
 """
 
 from __future__ import annotations

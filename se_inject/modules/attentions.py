@@ -2,7 +2,7 @@
 each one's arguments, exact identity init, and the check every module passes before anything
 changes.
 
-``attn="se"`` (the default) is se_inject's own :class:`~se_inject.se_block.SEBlock`. Every other
+``attn="se"`` (the default) is se_inject's own :class:`~se_inject.modules.se_block.SEBlock`. Every other
 name is the channel attention timm's ``timm.layers.create_attn`` builds by that name, built by
 timm with its own defaults; a callable (a class or a function) is a *factory* called with the
 channel count. timm's modules are 2-D only; the check at each site says so where a model is not.
@@ -28,11 +28,11 @@ from timm.layers.gather_excite import GatherExcite
 from timm.layers.mlp import ConvMlp
 from torch import nn
 
-from . import ops
-from .errors import OptionError
-from .layer_checks import check_gate_module
+from .. import ops
+from ..errors import OptionError
+from ..layers import check_gate_module
 from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, SEResidual, resolve_layer
-from .utils import describe_error, join_path
+from ..utils import describe_error, join_path
 
 __all__ = ["ATTENTIONS", "Attention", "AttentionDefault", "GainGate", "attention_label", "se_defaults", "check_options",
            "build_module", "check_module", "identity_check", "hidden_width", "OPTIONS_PER_ATTENTION", "given",
@@ -279,7 +279,7 @@ def build_module(options: Any, channels: int, spatial_dims: int, *, device: Any 
     """A new attention module for a site with ``channels`` channels, made an identity if asked.
 
     ``"se"`` is :meth:`SEOptions.make_block` (with ``residual``, an SE block that does the add
-    after it, see :class:`~se_inject.se_block.SEResidual`); a timm attention or a factory's module is moved to
+    after it, see :class:`~se_inject.modules.se_block.SEResidual`); a timm attention or a factory's module is moved to
     ``device`` and ``dtype`` and marked (:data:`se_inject.ops.INSERTED_MARK`) so that a later
     ``apply`` sees it as attention.
     """

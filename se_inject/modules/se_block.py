@@ -26,8 +26,8 @@ from torch import fx, nn
 from torch.nn.modules import module as _module_module  # where torch keeps its global module hooks
 from torch.nn import functional as F
 
-from .errors import OptionError
-from .layer_checks import alive_point, check_activation, check_gate, new_layer
+from ..errors import OptionError
+from ..layers import alive_point, check_activation, check_gate, new_layer
 
 __all__ = ["SEBlock", "SEResidual", "se_hidden_channels", "set_kernels", "ACT_LAYERS", "GATE_LAYERS", "KERNELS",
            "OUT_ACTS", "resolve_layer"]
@@ -81,7 +81,7 @@ def resolve_layer(
     """Return the module class named by ``layer`` in ``registry``, or ``layer`` itself if a class.
 
     A class given for :data:`ACT_LAYERS` must behave as an activation and one for
-    :data:`GATE_LAYERS` as a gate (:mod:`se_inject.layer_checks`): every layer class se_inject
+    :data:`GATE_LAYERS` as a gate (:mod:`se_inject.layers`): every layer class se_inject
     uses passes through here.
 
     Raises:
@@ -333,7 +333,7 @@ class SEBlock(nn.Module):
         * ``fc2``'s columns are zero except the last one, and its bias is zero, so every hidden
           unit but the last adds ``0 * act(h) = 0``, exactly;
         * the last hidden unit is made *alive for every input*: its ``fc1`` row is zero and its bias
-          is a point ``z`` where the activation's value is exact (:func:`~se_inject.layer_checks.
+          is a point ``z`` where the activation's value is exact (:func:`~se_inject.layers.
           alive_point`): ``z = 1`` where ``act(1) = 1`` (ReLU, ReLU6, ELU, LeakyReLU), and then
           ``fc2``'s bias is minus that column, so the unit adds ``w * 1 - w = 0``; ``z = 0`` where
           ``act(0) = 0`` (SiLU, GELU, Hardswish, Mish, Tanh), and the unit adds ``w * 0 = 0``. Its
