@@ -38,7 +38,7 @@ from rich.console import Console
 from torch import fx
 
 import se_inject
-from se_inject.tracer import trace
+from se_inject.trace.tracer import trace
 
 try:
     from .common import RESULTS, table, write_results

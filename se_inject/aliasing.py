@@ -17,7 +17,7 @@ traced graph with the module sees it:
 the block reads, its shortcut included, is their result); :func:`write_problem` says why a
 placement would not read what the block reads, for the cases left. Both work on a scope's
 :class:`~se_inject.graph_index.GraphIndex`. In-place ops are recognised by
-:func:`se_inject.ops.written_input`, views by :func:`se_inject.ops.is_view`.
+:func:`se_inject.trace.ops.written_input`, views by :func:`se_inject.trace.ops.is_view`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import fx
 
-from . import ops
+from .trace import ops
 from .graph_index import GraphIndex, shape_of
 
 __all__ = ["past_writes", "write_problem"]

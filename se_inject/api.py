@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from . import hf
+from .trace import hf
 from .blocks import BlockRewrite
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
 from .pipeline import analyse, install
 from .plan import Injection, SitePlan
-from .tracer import TRACE_LOCK, global_hooks_suspended, restore_hooks, stash_hooks
+from .trace.tracer import TRACE_LOCK, global_hooks_suspended, restore_hooks, stash_hooks
 from .utils import eval_mode, gc_paused, rng_kept, torch_defaults, warn
 
 __all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
@@ -168,12 +168,12 @@ def _check_flag(name: str, value: Any) -> None:
 
 def _analysed(model: nn.Module, options: SEOptions, inputs: tuple[Any, ...], strict: bool):
     """Plan on a deep copy of ``model``, in eval mode and without its hooks (transformers'
-    output-capturing hooks aside, which are part of what it computes: see :mod:`se_inject.hf`):
+    output-capturing hooks aside, which are part of what it computes: see :mod:`se_inject.trace.hf`):
     the analysis runs the model's code, which may write to it, and the caller's model must never
     see that."""
     _check_inputs(model, inputs)
     work = copy.deepcopy(model)
-    hf.prepare(work)  # transformers' capturing hooks, which the analysis keeps (see se_inject.hf)
+    hf.prepare(work)  # transformers' capturing hooks, which the analysis keeps (see se_inject.trace.hf)
     hooks = stash_hooks(work)
     try:
         with eval_mode(work):

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from torch import fx
 
-from . import ops
+from .trace import ops
 from .graph_index import GraphIndex, shape_of
 
 __all__ = ["find_attention"]

@@ -25,12 +25,12 @@ import torch
 from torch import fx, nn
 
 from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
-from .ops import is_inplace_add, residual_activation
+from .trace.ops import is_inplace_add, residual_activation
 from .placement import Place, describe
-from .scopes import Scope
+from .trace.scopes import Scope
 from .sites import ResidualAdd
 from .block_module import graph_module_like
-from .train_mode import TrainModeCheck
+from .trace.train_mode import TrainModeCheck
 from .utils import join_path, relative_path
 
 __all__ = ["Candidate", "Placement", "BlockRewrite", "skip_name", "build_blocks"]

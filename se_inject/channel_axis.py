@@ -15,9 +15,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx
 
-from . import ops
+from .trace import ops
 from .graph_index import GraphIndex, shape_of
-from .leaf_axis import META_KEY as LEAF_DIM
+from .trace.leaf_axis import META_KEY as LEAF_DIM
 
 __all__ = ["Axis", "ChannelAxes", "read_by_channels_last_norm"]
 
@@ -31,7 +31,7 @@ class ChannelAxes:
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from se_inject.scopes import ShapeRecorder
+        >>> from se_inject.trace.scopes import ShapeRecorder
         >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU()))
         >>> _ = ShapeRecorder(gm).run(torch.randn(1, 3, 4, 4))
         >>> ChannelAxes(GraphIndex(gm)).axis(list(gm.graph.nodes)[2])  # the ReLU's output

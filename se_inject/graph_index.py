@@ -13,7 +13,7 @@ from typing import Any, Optional
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from . import ops
+from .trace import ops
 
 __all__ = ["GraphIndex", "tensor_meta", "shape_of"]
 
@@ -90,7 +90,7 @@ class GraphIndex:
         return ops.is_nonlinear(node, self.module(node)) or self.is_data_product(node)
 
     def is_conv_like(self, node: fx.Node) -> bool:
-        """A conv, linear or matmul (see :func:`se_inject.ops.is_conv_like`)."""
+        """A conv, linear or matmul (see :func:`se_inject.trace.ops.is_conv_like`)."""
         return ops.is_conv_like(node, self.module(node))
 
     def label(self, node: fx.Node) -> str:

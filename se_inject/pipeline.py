@@ -1,6 +1,6 @@
 """The steps from a model to its SE sites and rewritten blocks, and the swap that installs them.
 
-1. :mod:`se_inject.scopes` traces the model (or, where fx cannot, its submodules) and gives every
+1. :mod:`se_inject.trace.scopes` traces the model (or, where fx cannot, its submodules) and gives every
    node its shape from one forward on the example input;
 2. :mod:`se_inject.sites` classifies every add: residual (branch + shortcut) or skipped, and why;
    the options filter the residual ones;
@@ -25,13 +25,13 @@ from torch import fx, nn
 
 from .modules.attentions import build_sites_modules, site_record
 from .blocks import BlockRewrite, Candidate, build_blocks, skip_name
-from .capture import Call, outputs_match, recording
+from .trace.record import Call, outputs_match, recording
 from .errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
 from .graph_index import GraphIndex
 from .options import SEOptions
 from .placement import locate
 from .plan import Site, SitePlan, Skip
-from .scopes import Scope, runnable_scopes
+from .trace.scopes import Scope, runnable_scopes
 from .signature import mirror_signature
 from .sites import SkippedAdd, classify_adds
 from .block_module import graph_module_like

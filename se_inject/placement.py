@@ -46,7 +46,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import fx
 
-from . import aliasing, ops
+from . import aliasing
+from .trace import ops
 from .graph_index import GraphIndex, shape_of, tensor_meta
 from .sites import ResidualAdd
 

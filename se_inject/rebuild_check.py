@@ -18,9 +18,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .capture import outputs_match
+from .trace.record import outputs_match
 from .errors import RecipeError
-from .tracer import restore_hooks, stash_hooks
+from .trace.tracer import restore_hooks, stash_hooks
 from .utils import describe_error, eval_mode
 
 __all__ = ["floating_dtype", "check_one_dtype", "output_difference", "likely_cause"]
@@ -50,7 +50,7 @@ def check_one_dtype(model: nn.Module) -> None:
 
 def output_difference(rebuilt: nn.Module, model: nn.Module, inputs: tuple[Any, ...]) -> Optional[str]:
     """How ``rebuilt``, given ``model``'s weights, differs from ``model`` on ``inputs`` (CPU
-    tensors); None when the outputs match (see :func:`se_inject.capture.outputs_match`).
+    tensors); None when the outputs match (see :func:`se_inject.trace.record.outputs_match`).
 
     Both run in eval mode without gradients on ``model``'s device; ``model`` runs without its
     hooks and is left as it was (its training flags, hooks and tensors).

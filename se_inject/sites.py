@@ -1,7 +1,7 @@
 """Find the residual adds of a traced graph: which operand is the branch, which the shortcut.
 
 :func:`classify_adds` is a pure function over a ``GraphModule`` whose nodes carry shapes
-(``node.meta["tensor_meta"]``, from :class:`se_inject.scopes.ShapeRecorder` or torch's
+(``node.meta["tensor_meta"]``, from :class:`se_inject.trace.scopes.ShapeRecorder` or torch's
 ``ShapeProp``). For every add it returns either a :class:`ResidualAdd` (where an SE block goes)
 or a :class:`SkippedAdd` with a reason code from :data:`se_inject.plan.SKIP_REASONS`. The rules,
 and why each exists, are in the README ("What counts as a residual add"). In short, an add
@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import fx
 
-from . import ops
+from .trace import ops
 from .attention_check import find_attention
 from .channel_axis import ChannelAxes, read_by_channels_last_norm
 from .graph_index import GraphIndex, shape_of, tensor_meta
@@ -211,8 +211,8 @@ def classify_adds(gm: fx.GraphModule, *, batch_size: Optional[int] = None) -> li
 
     Example:
         >>> import torchvision
-        >>> from se_inject.scopes import ShapeRecorder
-        >>> from se_inject.tracer import trace
+        >>> from se_inject.trace.scopes import ShapeRecorder
+        >>> from se_inject.trace.tracer import trace
         >>> gm = trace(torchvision.models.resnet18().eval())
         >>> _ = ShapeRecorder(gm).run(torch.randn(1, 3, 64, 64))
         >>> verdicts = classify_adds(gm, batch_size=1)

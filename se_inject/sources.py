@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Union
 from torch import nn
 
 from .errors import CheckpointError, RecipeError, UnknownModelError
-from .hf import is_hf_model
+from .trace.hf import is_hf_model
 from .utils import first_line
 
 __all__ = ["Source", "timm_source", "hf_source", "is_hf_directory", "from_hf_directory", "refusal"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockRewrite
-from .capture import outputs_match, recording
+from .trace.record import outputs_match, recording
 from .utils import describe_error
 
 __all__ = ["verify_blocks"]

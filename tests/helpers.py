@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from se_inject import SEBlock, SitePlan
-from se_inject.ops import add_operands
+from se_inject.trace.ops import add_operands
 
 
 def count_params(model: nn.Module) -> int:

@@ -9,13 +9,13 @@ from timm.layers import StdConv2d
 from torch import fx, nn
 
 from se_inject.blocks import Candidate, build_blocks
-from se_inject.capture import outputs_match, recording
+from se_inject.trace.record import outputs_match, recording
 from se_inject.graph_index import GraphIndex
 from se_inject.insert_pass import InsertionPoint, free_attribute_name, insert_modules
-from se_inject.scopes import ShapeRecorder, discover_scopes, propagate_shapes, runnable_scopes
+from se_inject.trace.scopes import ShapeRecorder, discover_scopes, propagate_shapes, runnable_scopes
 from se_inject.sites import ResidualAdd, classify_adds
 from se_inject.block_module import graph_module_like
-from se_inject.tracer import SETracer, trace
+from se_inject.trace.tracer import SETracer, trace
 from tests.helpers import ResBlock, upstream
 
 X = torch.randn(2, 3, 16, 16)

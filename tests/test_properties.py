@@ -54,7 +54,7 @@ from torch import fx, nn
 
 import se_inject
 from se_inject import GraphModuleRootWarning, NoResidualAddsWarning, RefusedModuleWarning, SEBlock
-from se_inject.ops import add_operands
+from se_inject.trace.ops import add_operands
 from se_inject.layers import alive_point
 from tests.helpers import assert_shortcuts_untouched, count_params, upstream
 

@@ -14,9 +14,9 @@ from torch import fx, nn
 
 import se_inject
 from se_inject import GraphModuleRootWarning
-from se_inject.scopes import runnable_scopes
-from se_inject.specialize import record_calls, trace_as
-from se_inject.train_mode import _reads_training
+from se_inject.trace.scopes import runnable_scopes
+from se_inject.trace.specialize import record_calls, trace_as
+from se_inject.trace.train_mode import _reads_training
 from tests.helpers import ResBlock
 
 X = torch.randn(2, 3, 16, 16)

@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from se_inject.plan import SKIP_REASONS
-from se_inject.scopes import ShapeRecorder
+from se_inject.trace.scopes import ShapeRecorder
 from se_inject.sites import ResidualAdd, SkippedAdd, classify_adds
 
 

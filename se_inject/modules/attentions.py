@@ -28,13 +28,12 @@ from timm.layers.gather_excite import GatherExcite
 from timm.layers.mlp import ConvMlp
 from torch import nn
 
-from .. import ops
 from ..errors import OptionError
 from ..layers import check_gate_module
 from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, SEResidual, resolve_layer
 from ..utils import describe_error, join_path
 
-__all__ = ["ATTENTIONS", "Attention", "AttentionDefault", "GainGate", "attention_label", "se_defaults", "check_options",
+__all__ = ["ATTENTIONS", "INSERTED_MARK", "InsertedAttention", "Attention", "AttentionDefault", "GainGate", "attention_label", "se_defaults", "check_options",
            "build_module", "check_module", "identity_check", "hidden_width", "OPTIONS_PER_ATTENTION", "given",
            "build_sites_modules", "site_record"]
 
@@ -67,6 +66,21 @@ def _default_named(name: str) -> AttentionDefault:
 def given(value: Any) -> bool:
     """Whether an option holds a value the user gave (not an :class:`AttentionDefault`)."""
     return not isinstance(value, AttentionDefault)
+
+
+#: The attribute se_inject sets on every attention module it inserts (SEBlock aside).
+INSERTED_MARK = "_se_inject_attention"
+
+
+class _MarkedMeta(type):
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, nn.Module) and bool(obj.__dict__.get(INSERTED_MARK))
+
+
+class InsertedAttention(metaclass=_MarkedMeta):
+    """``isinstance(m, InsertedAttention)``: ``m`` is an attention module se_inject inserted (a timm
+    module or a user factory's), whatever its class. Such modules are channel attention and leaves:
+    a second ``apply`` sees them and never traces into them."""
 
 
 class GainGate(nn.Module):
@@ -280,7 +294,7 @@ def build_module(options: Any, channels: int, spatial_dims: int, *, device: Any 
 
     ``"se"`` is :meth:`SEOptions.make_block` (with ``residual``, an SE block that does the add
     after it, see :class:`~se_inject.modules.se_block.SEResidual`); a timm attention or a factory's module is moved to
-    ``device`` and ``dtype`` and marked (:data:`se_inject.ops.INSERTED_MARK`) so that a later
+    ``device`` and ``dtype`` and marked (:data:`INSERTED_MARK`) so that a later
     ``apply`` sees it as attention.
     """
     if options.attn == "se":
@@ -304,7 +318,7 @@ def build_module(options: Any, channels: int, spatial_dims: int, *, device: Any 
             raise OptionError(f"identity_init: attn={label} is a factory whose module ({type(module).__name__}) "
                               f"has no init_identity_() method; make the factory return an identity")
     if not isinstance(module, SEBlock):
-        module.__dict__[ops.INSERTED_MARK] = label
+        module.__dict__[INSERTED_MARK] = label
     return module
 
 

@@ -1,13 +1,13 @@
 """Trace a model as a tree of scopes, and give every scope's nodes their shapes.
 
-A *scope* is a module traced as its own root. :mod:`se_inject.scope_search` finds them: the model
+A *scope* is a module traced as its own root. :mod:`se_inject.trace.search` finds them: the model
 itself when fx can trace it whole, else the traceable modules below it, however deep, with the
 modules fx cannot follow kept as leaves and non-tensor options baked in where a forward takes
 them. Leaves that are not primitive (timm's no-trace blocks such as ``NormFreeBlock``) become
 scopes of their own, since they can hold residual adds.
 
 Shapes come from one forward on the example input: :class:`ShapeRecorder` runs the top scope,
-the inputs each nested scope receives are recorded (:func:`se_inject.capture.recording`), and
+the inputs each nested scope receives are recorded (:func:`se_inject.trace.record.recording`), and
 the recorder runs those scopes on what they received. Where a traced graph does not run on what
 its module really receives, that module's children are traced instead (:func:`runnable_scopes`).
 """
@@ -23,13 +23,13 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .capture import outputs_match, recording
-from .errors import ExampleInputError, TraceError
+from .record import outputs_match, recording
+from ..errors import ExampleInputError, TraceError
 from .leaf_axis import META_KEY, proving_leaf_axes
-from .plan import Untraceable
-from .scope_search import Recorder, search
+from ..plan import Untraceable
+from .search import Recorder, search
 from .specialize import ForwardFailed, RecordedCall, Recording, trace_as
-from .utils import describe_error, first_line
+from ..utils import describe_error, first_line
 
 __all__ = ["Scope", "ShapeRecorder", "discover_scopes", "propagate_shapes", "runnable_scopes"]
 
@@ -103,7 +103,7 @@ def discover_scopes(model: nn.Module, *, skip: Optional[dict[str, str]] = None,
     Args:
         skip: module paths not to trace as a whole (their children are tried), with the reason
             to report; used for modules whose traced graph turned out not to run.
-        recorder: the real forward that gives non-tensor options (see :mod:`se_inject.scope_search`).
+        recorder: the real forward that gives non-tensor options (see :mod:`se_inject.trace.search`).
     """
     result = search(model, skip=skip, recorder=recorder)
     recording = recorder.recording if recorder is not None else None
@@ -238,7 +238,7 @@ def _run_nested(nested: list[Scope], calls: dict) -> list[Untraceable]:
 
 
 def _mark_leaf_dims(scopes: list[Scope], leaf_dims: dict[int, int]) -> None:
-    """Give the call of every leaf whose channel dim was proven that dim (see :mod:`se_inject.leaf_axis`)."""
+    """Give the call of every leaf whose channel dim was proven that dim (see :mod:`se_inject.trace.leaf_axis`)."""
     if not leaf_dims:
         return
     for scope in scopes:

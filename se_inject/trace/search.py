@@ -6,7 +6,7 @@ inlines are done. Where it does not:
 * a container without a forward of its own (``nn.ModuleList``, ``nn.ModuleDict``) is entered;
 * a module whose forward takes options (``output_hidden_states=...``, a decorated forward) is
   traced again with the options it received in a real forward baked in
-  (:mod:`se_inject.specialize`); that real forward runs once, the first time it is needed;
+  (:mod:`se_inject.trace.specialize`); that real forward runs once, the first time it is needed;
 * otherwise the traceback says which module's own code fx could not follow: the innermost module
   that was running. That module is traced alone. If it fails there too, its own code is what fx
   cannot follow (control flow on a tensor, ``int()`` of a size): it becomes a leaf, so that its
@@ -31,9 +31,9 @@ from typing import Any, Optional
 from torch import fx, nn
 
 from .ops import is_primitive_leaf
-from .plan import Untraceable
+from ..plan import Untraceable
 from .specialize import RecordedCall, Recording, record_calls, takes_options, trace_as
-from .utils import describe_error, join_path
+from ..utils import describe_error, join_path
 
 __all__ = ["Found", "Recorder", "SearchResult", "search", "is_container"]
 
@@ -69,7 +69,7 @@ class Recorder:
         """The recording (running the forward the first time); None without example inputs.
 
         Raises:
-            se_inject.specialize.ForwardFailed: the model fails on the inputs.
+            se_inject.trace.specialize.ForwardFailed: the model fails on the inputs.
         """
         if self.recording is None and self.inputs is not None:
             self.recording = record_calls(self.model, self.inputs)

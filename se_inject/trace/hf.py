@@ -13,7 +13,7 @@ must not pull it in): a model is a transformers model only if transformers is al
 * The capturing hooks are part of what a model computes, not user hooks: a backbone (which
   transformers hooks in ``post_init``) builds its feature maps from the hidden states they
   collect. :func:`is_output_capturing_hook` tells them apart, so that the analysis keeps them
-  while it stashes the user's hooks (:func:`se_inject.tracer.stash_hooks`), and the analysis
+  while it stashes the user's hooks (:func:`se_inject.trace.tracer.stash_hooks`), and the analysis
   :func:`prepare` s its copy first, so that transformers never installs them lazily into the
   stashed hook dicts (where they would be lost, with the "installed" flag left set).
 * :func:`default_input_size` reads ``num_channels`` and ``image_size`` from the model's config.

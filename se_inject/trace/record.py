@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .utils import clone_tensors
+from ..utils import clone_tensors
 
 __all__ = ["Call", "recording", "outputs_match"]
 

@@ -20,7 +20,8 @@ import torchvision.ops as tv_ops
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .modules.se_block import SEBlock
+from ..modules.attentions import INSERTED_MARK, InsertedAttention
+from ..modules.se_block import SEBlock
 
 __all__ = [
     "CONV_TYPES",
@@ -122,21 +123,6 @@ for _module, _names in (("cbam", ("CbamModule", "LightCbamModule")),
         continue
     ATTENTION_TYPES += tuple(getattr(_found, n) for n in _names
                              if hasattr(_found, n) and getattr(_found, n) not in ATTENTION_TYPES)
-
-#: The attribute se_inject sets on every attention module it inserts (SEBlock aside).
-INSERTED_MARK = "_se_inject_attention"
-
-
-class _MarkedMeta(type):
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return isinstance(obj, nn.Module) and bool(obj.__dict__.get(INSERTED_MARK))
-
-
-class InsertedAttention(metaclass=_MarkedMeta):
-    """``isinstance(m, InsertedAttention)``: ``m`` is an attention module se_inject inserted (a timm
-    module or a user factory's), whatever its class. Such modules are channel attention and leaves:
-    a second ``apply`` sees them and never traces into them."""
-
 
 ATTENTION_TYPES += (InsertedAttention,)
 

@@ -1,6 +1,6 @@
 """Prove the channel dim of an opaque leaf's output from a real forward.
 
-A module fx cannot follow becomes a leaf (:mod:`se_inject.scope_search`), and the site finder
+A module fx cannot follow becomes a leaf (:mod:`se_inject.trace.search`), and the site finder
 cannot see inside it: Hugging Face's ``MobileNetV2ConvLayer`` (TF-style padding computed with
 ``int()`` of the input size, then a conv, a BatchNorm and a ReLU6) would leave every add after it
 ``channel-dim-unknown``. But in a real forward the leaf's output is the very tensor object one of

@@ -8,7 +8,7 @@
 * the modules and functions of timm's no-trace registry (``timm.layers._fx``), which is what makes
   timm models traceable; se_inject looks inside those leaves separately;
 * se_inject's own :class:`~se_inject.modules.se_block.SEBlock`, and other libraries' ``*DropPath``
-  modules (:func:`~se_inject.ops.is_regularizer_module`);
+  modules (:func:`~se_inject.trace.ops.is_regularizer_module`);
 * any module object passed in ``extra_leaves``.
 
 A dict that is also a dataclass (transformers' ``ModelOutput``) stays that class in the graph's
@@ -39,7 +39,7 @@ from torch.nn.modules import module as _torch_module
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
 from . import hf
-from .block_module import HOOK_DICTS
+from ..block_module import HOOK_DICTS
 from .ops import LEAF_TYPES, is_regularizer_module
 
 #: fx patches ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while it
@@ -150,7 +150,7 @@ def stash_hooks(model: nn.Module) -> dict[int, dict[str, OrderedDict]]:
     """Remove every module hook under ``model`` and return them for :func:`restore_hooks`.
 
     User hooks must not run (on Proxies) while se_inject traces, nor be baked into a graph.
-    transformers' output-capturing hooks stay (:func:`se_inject.hf.is_output_capturing_hook`):
+    transformers' output-capturing hooks stay (:func:`se_inject.trace.hf.is_output_capturing_hook`):
     they are part of what the model computes (a backbone's feature maps are the hidden states
     they collect), so without them the traced graph would compute something else. Hook dicts are
     keyed by handle ids, which are unique in the process, so a kept hook's entries in the other
