@@ -26,9 +26,9 @@ from torch import fx, nn
 
 from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
 from .trace.ops import is_inplace_add, residual_activation
-from .placement import Place, describe
+from .sites.placement import Place, describe
 from .trace.scopes import Scope
-from .sites import ResidualAdd
+from .sites.classify import ResidualAdd
 from .block_module import graph_module_like
 from .trace.train_mode import TrainModeCheck
 from .utils import join_path, relative_path

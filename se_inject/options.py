@@ -22,7 +22,7 @@ from torch import nn
 from .modules import attentions as attention
 from .modules.attentions import ATTENTIONS, DEFAULTS, attention_label, given
 from .errors import OptionError
-from .placement import POSITIONS
+from .sites.placement import POSITIONS
 from .modules.se_block import ACT_LAYERS, GATE_LAYERS, KERNELS, SEBlock, SEResidual, resolve_layer, se_hidden_channels
 
 __all__ = ["SEOptions", "LayerSpec", "takes_options", "option_names"]

@@ -2,7 +2,7 @@
 
 1. :mod:`se_inject.trace.scopes` traces the model (or, where fx cannot, its submodules) and gives every
    node its shape from one forward on the example input;
-2. :mod:`se_inject.sites` classifies every add: residual (branch + shortcut) or skipped, and why;
+2. :mod:`se_inject.sites.classify` classifies every add: residual (branch + shortcut) or skipped, and why;
    the options filter the residual ones;
 3. :mod:`se_inject.blocks` cuts each residual add's block out of its scope's graph, with a copying
    identity where SE goes;
@@ -27,13 +27,13 @@ from .modules.attentions import build_sites_modules, site_record
 from .blocks import BlockRewrite, Candidate, build_blocks, skip_name
 from .trace.record import Call, outputs_match, recording
 from .errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
-from .graph_index import GraphIndex
+from .sites.graph_index import GraphIndex
 from .options import SEOptions
-from .placement import locate
+from .sites.placement import locate
 from .plan import Site, SitePlan, Skip
 from .trace.scopes import Scope, runnable_scopes
 from .signature import mirror_signature
-from .sites import SkippedAdd, classify_adds
+from .sites.classify import SkippedAdd, classify_adds
 from .block_module import graph_module_like
 from .utils import join_path, warn
 from .verify import verify_blocks

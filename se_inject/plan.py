@@ -52,7 +52,7 @@ class Site:
         shortcut: ``"identity"`` or the ops on the shortcut path (``"Conv2d > BatchNorm2d"``).
         add: name of the add node in the traced block.
         attn: the attention (``"se"``, a timm name, or a factory's name); ``position``: where in
-            the block (see :mod:`se_inject.placement`); ``where``: what the module reads and what
+            the block (see :mod:`se_inject.sites.placement`); ``where``: what the module reads and what
             reads it, in the block (``"bn3 -> add"``).
         param_count: parameters of the inserted module (None: the SE formula).
     """

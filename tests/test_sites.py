@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from se_inject.plan import SKIP_REASONS
 from se_inject.trace.scopes import ShapeRecorder
-from se_inject.sites import ResidualAdd, SkippedAdd, classify_adds
+from se_inject.sites.classify import ResidualAdd, SkippedAdd, classify_adds
 
 
 def verdicts(module: nn.Module, *inputs: torch.Tensor, batch_size: int = 2) -> list:

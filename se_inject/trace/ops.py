@@ -393,7 +393,7 @@ def is_nonlinear(node: fx.Node, module: Optional[nn.Module]) -> bool:
     """An activation (module or call), or a leaf that is not a primitive layer.
 
     Products of two data tensors are nonlinear too; that needs the graph
-    (:meth:`se_inject.graph_index.GraphIndex.is_data_product`).
+    (:meth:`se_inject.sites.graph_index.GraphIndex.is_data_product`).
     """
     if module is not None:
         return is_activation_module(module) or not is_primitive_leaf(module)

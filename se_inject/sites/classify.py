@@ -9,11 +9,11 @@ and why each exists, are in the README ("What counts as a residual add"). In sho
 
 * both operands are floating tensors of one shape, with spatial dims and the batch at dim 0;
 * walking back from one operand (the shortcut) along its first data input reaches an ancestor of
-  the other (the fork) through linear ops only (:mod:`se_inject.shortcut`);
+  the other (the fork) through linear ops only (:mod:`se_inject.sites.shortcut`);
 * the other operand (the branch) holds a conv or linear *and* a nonlinearity between the fork and
   the add;
-* the branch's channel dim is proven to be dim 1 (:mod:`se_inject.channel_axis`);
-* the branch holds no channel attention yet (:mod:`se_inject.attention_check`).
+* the branch's channel dim is proven to be dim 1 (:mod:`se_inject.sites.channel_axis`);
+* the branch holds no channel attention yet (:mod:`se_inject.sites.existing`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import fx
 
-from .trace import ops
-from .attention_check import find_attention
+from ..trace import ops
+from .existing import find_attention
 from .channel_axis import ChannelAxes, read_by_channels_last_norm
 from .graph_index import GraphIndex, shape_of, tensor_meta
 from .shortcut import SHORTCUT_PROBLEMS, shortcut_problem, trailing_regularizers

@@ -1,6 +1,6 @@
 """Where each ``position`` puts the attention module in a residual block's graph.
 
-A residual add ``branch + shortcut`` (:class:`se_inject.sites.ResidualAdd`) has a *fork*, where
+A residual add ``branch + shortcut`` (:class:`se_inject.sites.classify.ResidualAdd`) has a *fork*, where
 the block's input splits into the branch and the shortcut. The five positions are the placements
 of the SE paper's integration study (Hu et al., TPAMI version of arXiv:1709.01507, Sec. 6.5):
 
@@ -27,7 +27,7 @@ after its depthwise conv) gets nothing at ``mid``, with the reason ``no-mid-poin
 the graph of the block cut out of that scope, where the module is inserted.
 
 Where in-place ops touch the tensor the module reads, a place must still read what the block
-reads (:mod:`se_inject.aliasing`). ``pre`` moves past the in-place ops the branch starts with
+reads (:mod:`se_inject.sites.aliasing`). ``pre`` moves past the in-place ops the branch starts with
 (a pre-activation ``nn.ReLU(inplace=True)`` on the block input writes the tensor the shortcut
 reads too, so the fork is its result); ``pre`` and ``identity`` are refused (``in-place-write``)
 where an in-place op would then write the module's output instead of the tensor others read, or
@@ -47,9 +47,9 @@ import torch
 from torch import fx
 
 from . import aliasing
-from .trace import ops
+from ..trace import ops
 from .graph_index import GraphIndex, shape_of, tensor_meta
-from .sites import ResidualAdd
+from .classify import ResidualAdd
 
 __all__ = ["POSITIONS", "Place", "locate", "describe"]
 
@@ -70,7 +70,7 @@ class Place:
         branch: the branch operand (``pre``: the fork's readers that lead to it).
         channels, shape, dtype: of the tensor the module takes.
         moved: ``pre``: the in-place ops on the fork the branch starts with, which ``tail`` is
-            the last of (see :func:`se_inject.aliasing.past_writes`).
+            the last of (see :func:`se_inject.sites.aliasing.past_writes`).
     """
 
     position: str

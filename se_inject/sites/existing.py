@@ -7,7 +7,7 @@ operand, walked back through shape ops and scalar scaling, is a sigmoid / hard-s
 gate on a tensor at least 4x smaller than the product (a pooled, per-channel gate). Softmax split
 attention (SK, ResNeSt) counts: it reweights channels from pooled statistics, as SE would. After
 the add: an attention module reading the add, or the one activation that reads it (where
-``position="post"`` puts it); on the shortcut, :mod:`se_inject.shortcut` reports it.
+``position="post"`` puts it); on the shortcut, :mod:`se_inject.sites.shortcut` reports it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from torch import fx
 
-from .trace import ops
+from ..trace import ops
 from .graph_index import GraphIndex, shape_of
 
 __all__ = ["find_attention"]
@@ -105,5 +105,5 @@ def _after_add(g: GraphIndex, add: fx.Node) -> Optional[str]:
 def find_attention(g: GraphIndex, add: fx.Node, branch_nodes: Sequence[fx.Node]) -> Optional[str]:
     """A description of the channel attention found on the branch of ``add`` or right after it
     (after its activation), or None. Attention on the shortcut is found by
-    :func:`se_inject.shortcut.shortcut_problem`."""
+    :func:`se_inject.sites.shortcut.shortcut_problem`."""
     return _attention_module(g, add, branch_nodes) or _gated_product(g, branch_nodes) or _after_add(g, add)

@@ -1,6 +1,6 @@
 """Does a module put between a tensor and its readers read what they read?
 
-A placement (:mod:`se_inject.placement`) inserts the attention module right before the first of
+A placement (:mod:`se_inject.sites.placement`) inserts the attention module right before the first of
 the *readers* it takes over, and they read the module's output, a new tensor, instead of the
 *tail*. Without in-place ops that changes nothing but the values SE scales. With them it can
 change what the block computes, and fx records the graph faithfully, so no comparison of the
@@ -16,7 +16,7 @@ traced graph with the module sees it:
 :func:`past_writes` moves ``position="pre"`` past the in-place ops the branch starts with (what
 the block reads, its shortcut included, is their result); :func:`write_problem` says why a
 placement would not read what the block reads, for the cases left. Both work on a scope's
-:class:`~se_inject.graph_index.GraphIndex`. In-place ops are recognised by
+:class:`~se_inject.sites.graph_index.GraphIndex`. In-place ops are recognised by
 :func:`se_inject.trace.ops.written_input`, views by :func:`se_inject.trace.ops.is_view`.
 """
 
@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import fx
 
-from .trace import ops
+from ..trace import ops
 from .graph_index import GraphIndex, shape_of
 
 __all__ = ["past_writes", "write_problem"]

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .trace import ops
+from ..trace import ops
 
 __all__ = ["GraphIndex", "tensor_meta", "shape_of"]
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from torch import fx, nn
 
-from .trace import ops
+from ..trace import ops
 from .graph_index import GraphIndex, shape_of, tensor_meta
 
 __all__ = ["SHORTCUT_PROBLEMS", "shortcut_problem", "trailing_regularizers"]

@@ -15,9 +15,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx
 
-from .trace import ops
+from ..trace import ops
 from .graph_index import GraphIndex, shape_of
-from .trace.leaf_axis import META_KEY as LEAF_DIM
+from ..trace.leaf_axis import META_KEY as LEAF_DIM
 
 __all__ = ["Axis", "ChannelAxes", "read_by_channels_last_norm"]
 
