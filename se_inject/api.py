@@ -1,7 +1,7 @@
 """``apply``, ``inject`` and ``find_sites``: SE blocks on the residual branches of a whole model.
 
 The three take the same options (:class:`se_inject.options.SEOptions`), listed in their
-signatures and docstrings; the work is done by :mod:`se_inject.pipeline`.
+signatures and docstrings; the work is done by :mod:`se_inject.rewrite.pipeline`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .trace import hf
-from .blocks import BlockRewrite
+from .rewrite.cut import BlockRewrite
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .options import SEOptions, takes_options
-from .pipeline import analyse, install
+from .rewrite.pipeline import analyse, install
 from .plan import Injection, SitePlan
 from .trace.tracer import TRACE_LOCK, global_hooks_suspended, restore_hooks, stash_hooks
 from .utils import eval_mode, gc_paused, rng_kept, torch_defaults, warn

@@ -8,13 +8,13 @@ import torch
 from timm.layers import StdConv2d
 from torch import fx, nn
 
-from se_inject.blocks import Candidate, build_blocks
+from se_inject.rewrite.cut import Candidate, build_blocks
 from se_inject.trace.record import outputs_match, recording
 from se_inject.sites.graph_index import GraphIndex
-from se_inject.insert_pass import InsertionPoint, free_attribute_name, insert_modules
+from se_inject.rewrite.insert_pass import InsertionPoint, free_attribute_name, insert_modules
 from se_inject.trace.scopes import ShapeRecorder, discover_scopes, propagate_shapes, runnable_scopes
 from se_inject.sites.classify import ResidualAdd, classify_adds
-from se_inject.block_module import graph_module_like
+from se_inject.rewrite.rewritten import graph_module_like
 from se_inject.trace.tracer import SETracer, trace
 from tests.helpers import ResBlock, upstream
 

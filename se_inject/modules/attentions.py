@@ -30,12 +30,11 @@ from torch import nn
 
 from ..errors import OptionError
 from ..layers import check_gate_module
-from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, SEResidual, resolve_layer
-from ..utils import describe_error, join_path
+from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, resolve_layer
+from ..utils import describe_error
 
 __all__ = ["ATTENTIONS", "INSERTED_MARK", "InsertedAttention", "Attention", "AttentionDefault", "GainGate", "attention_label", "se_defaults", "check_options",
-           "build_module", "check_module", "identity_check", "hidden_width", "OPTIONS_PER_ATTENTION", "given",
-           "build_sites_modules", "site_record"]
+           "build_module", "check_module", "identity_check", "hidden_width", "OPTIONS_PER_ATTENTION", "given"]
 
 #: The options whose meaning depends on the attention (see the module docstring).
 OPTIONS_PER_ATTENTION = ("reduction", "rd_divisor", "act_layer", "gate_layer")
@@ -359,50 +358,3 @@ def hidden_width(module: nn.Module, attn: Any) -> Optional[int]:
     layer = module.get_submodule(spec.hidden_at)
     width = getattr(layer, "out_channels", None) or getattr(layer, "out_features", None)
     return int(width) if width is not None else None
-
-
-def _site_tensor(cand: Any) -> tuple[int, tuple[int, ...], torch.dtype]:
-    """Channels, shape and dtype of what the module of a candidate (blocks.Candidate) takes."""
-    where = cand.place if cand.place is not None else cand.verdict
-    return where.channels, tuple(where.shape), where.dtype
-
-
-def build_sites_modules(rewrites: Any, options: Any) -> None:
-    """Build and check the module of every site of ``rewrites`` (blocks.BlockRewrite), in the order
-    the swap installs them, before anything in the model changes (``Candidate.module``).
-
-    Raises:
-        OptionError: a module cannot be built, does not run on its site's input, changes its shape
-            or dtype, or is not an identity where identity init was asked for; it names the
-            attention and the site.
-    """
-    label, identity = attention_label(options.attn), identity_check(options)
-    for rw in rewrites:
-        param = next((p for p in rw.module.parameters() if p.is_floating_point()), None)
-        device = param.device if param is not None else None
-        for p in rw.placements:
-            cand = p.candidate
-            channels, shape, dtype = _site_tensor(cand)
-            site = join_path(rw.path, p.name)
-            residual = (p.fused, p.add_in_place) if p.fused is not None else None
-            try:
-                module = build_module(options, channels, len(shape) - 2, device=device, dtype=dtype,
-                                      residual=residual)
-            except OptionError:
-                raise
-            except Exception as e:
-                raise OptionError(f"attn={label} cannot be built for {channels} channels at {site}: "
-                                  f"{describe_error(e)}") from e
-            if not isinstance(module, SEResidual):  # SE that does the add: its layers were probed by SEOptions
-                check_module(module, label, site, shape, dtype, identity, device)
-            cand.module = module
-
-
-def site_record(cand: Any, options: Any) -> dict[str, Any]:
-    """The fields of a plan's Site that come from the module built for a candidate."""
-    channels, shape, _ = _site_tensor(cand)
-    module = cand.module
-    hidden = options.hidden(channels) if options.attn == "se" else hidden_width(module, options.attn)
-    return {"channels": channels, "hidden": hidden, "shape": shape, "attn": attention_label(options.attn),
-            "position": options.position, "where": cand.where,
-            "param_count": sum(p.numel() for p in module.parameters())}

@@ -17,7 +17,6 @@ under TorchScript and when fx traces the block, it runs as plain torch ops with 
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any, Optional, Type, Union
 
 import torch

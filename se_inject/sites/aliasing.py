@@ -115,7 +115,7 @@ def write_problem(g: GraphIndex, tail: fx.Node, readers: list[fx.Node], *,
     when it would.
 
     ``rewired(node)``: later readers of the tail that the insertion makes read the result of an
-    in-place add it takes over (:func:`se_inject.insert_pass.insert_modules` does that for the
+    in-place add it takes over (:func:`se_inject.rewrite.insert_pass.insert_modules` does that for the
     add it reads into), which therefore see the write.
     """
     if not readers:

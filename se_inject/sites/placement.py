@@ -198,7 +198,7 @@ def locate(g: GraphIndex, v: ResidualAdd, position: str) -> Union[Place, tuple[s
 def _rewired_by_insertion(v: ResidualAdd) -> Optional[Callable[[fx.Node], bool]]:
     """Where the add writes the shortcut in place (``shortcut.add_(branch)``), the insertion makes
     the shortcut's later readers inside the block read the add's result
-    (:func:`se_inject.insert_pass.insert_modules`): those see the write."""
+    (:func:`se_inject.rewrite.insert_pass.insert_modules`): those see the write."""
     if not (ops.is_inplace_add(v.add) and v.add.args[0] is v.shortcut):
         return None
     key = v.scope_keys[-1] if v.scope_keys else None

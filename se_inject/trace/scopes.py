@@ -254,7 +254,7 @@ def runnable_scopes(model: nn.Module, example_inputs: tuple[Any, ...]
     Where a traced graph does not run, that module's children are traced instead, and again,
     until every scope runs. Returns the scopes, what could not be traced whole, and the output of
     the top scope's graph (or of the model, when its root is not traced); whether that graph
-    reproduces the model is checked by :func:`se_inject.pipeline.analyse`, in the forward it runs
+    reproduces the model is checked by :func:`se_inject.rewrite.pipeline.analyse`, in the forward it runs
     anyway.
 
     Raises:

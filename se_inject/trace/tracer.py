@@ -39,14 +39,22 @@ from torch.nn.modules import module as _torch_module
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
 from . import hf
-from ..block_module import HOOK_DICTS
 from .ops import LEAF_TYPES, is_regularizer_module
+
+#: The hook dicts of an ``nn.Module``: forward, backward and state_dict hooks (:func:`stash_hooks`,
+#: and the rewritten blocks that share them with the modules they replace).
+HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
 
 #: fx patches ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while it
 #: traces; two traces at once would restore each other's patches. se_inject traces one at a time.
 TRACE_LOCK = threading.RLock()
 
-__all__ = ["SETracer", "TRACE_LOCK", "trace", "attributes_kept", "stash_hooks", "restore_hooks",
+__all__ = ["SETracer", "TRACE_LOCK", "HOOK_DICTS", "trace", "attributes_kept", "stash_hooks", "restore_hooks",
            "global_hooks_suspended"]
 
 

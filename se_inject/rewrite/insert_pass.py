@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from torch import fx, nn
 
-from .trace.ops import is_inplace_add
+from ..trace.ops import is_inplace_add
 
 __all__ = ["InsertionPoint", "insert_modules", "free_attribute_name"]
 

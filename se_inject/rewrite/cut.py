@@ -25,13 +25,13 @@ import torch
 from torch import fx, nn
 
 from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
-from .trace.ops import is_inplace_add, residual_activation
-from .sites.placement import Place, describe
-from .trace.scopes import Scope
-from .sites.classify import ResidualAdd
-from .block_module import graph_module_like
-from .trace.train_mode import TrainModeCheck
-from .utils import join_path, relative_path
+from ..trace.ops import is_inplace_add, residual_activation
+from ..sites.placement import Place, describe
+from ..trace.scopes import Scope
+from ..sites.classify import ResidualAdd
+from .rewritten import graph_module_like
+from ..trace.train_mode import TrainModeCheck
+from ..utils import join_path, relative_path
 
 __all__ = ["Candidate", "Placement", "BlockRewrite", "skip_name", "build_blocks"]
 

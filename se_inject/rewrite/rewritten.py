@@ -16,14 +16,9 @@ from typing import Any, Callable, Mapping, Optional
 
 from torch import fx, nn
 
-__all__ = ["RewrittenBlock", "graph_module_like", "share_hooks", "HOOK_DICTS"]
+from ..trace.tracer import HOOK_DICTS
 
-HOOK_DICTS = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-)
+__all__ = ["RewrittenBlock", "graph_module_like", "share_hooks"]
 
 
 def share_hooks(source: nn.Module, target: nn.Module) -> None:

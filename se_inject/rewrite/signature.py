@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import fx, nn
 
-from .trace.record import Call
+from ..trace.record import Call
 
 __all__ = ["Mirrored", "mirror_signature", "require_none", "require_kind"]
 

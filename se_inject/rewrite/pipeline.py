@@ -4,11 +4,11 @@
    node its shape from one forward on the example input;
 2. :mod:`se_inject.sites.classify` classifies every add: residual (branch + shortcut) or skipped, and why;
    the options filter the residual ones;
-3. :mod:`se_inject.blocks` cuts each residual add's block out of its scope's graph, with a copying
+3. :mod:`se_inject.rewrite.cut` cuts each residual add's block out of its scope's graph, with a copying
    identity where SE goes;
-4. one eager forward records how the model calls each block; :mod:`se_inject.signature` gives
+4. one eager forward records how the model calls each block; :mod:`se_inject.rewrite.signature` gives
    each rewritten block its module's call signature;
-5. :mod:`se_inject.verify` checks the blocks of scopes whose traced graph did not reproduce their
+5. :mod:`se_inject.rewrite.verify` checks the blocks of scopes whose traced graph did not reproduce their
    module, and the blocks called with more than their input;
 6. :func:`install` builds the SE blocks and the final GraphModules from the target model's own
    blocks, then swaps them in (undoing the swap if it fails half way), so the model keeps its
@@ -23,19 +23,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .modules.attentions import build_sites_modules, site_record
-from .blocks import BlockRewrite, Candidate, build_blocks, skip_name
-from .trace.record import Call, outputs_match, recording
-from .errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
-from .sites.graph_index import GraphIndex
-from .options import SEOptions
-from .sites.placement import locate
-from .plan import Site, SitePlan, Skip
-from .trace.scopes import Scope, runnable_scopes
+from .cut import BlockRewrite, Candidate, build_blocks, skip_name
+from ..trace.record import Call, outputs_match, recording
+from ..errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
+from ..sites.graph_index import GraphIndex
+from ..options import SEOptions
+from ..sites.placement import locate
+from ..plan import Site, SitePlan, Skip
+from ..trace.scopes import Scope, runnable_scopes
 from .signature import mirror_signature
-from .sites.classify import SkippedAdd, classify_adds
-from .block_module import graph_module_like
-from .utils import join_path, warn
+from ..sites.classify import SkippedAdd, classify_adds
+from .rewritten import graph_module_like
+from .site_modules import build_sites_modules, site_record
+from ..utils import join_path, warn
 from .verify import verify_blocks
 
 __all__ = ["analyse", "install"]
@@ -184,7 +184,7 @@ def _new_blocks(target: nn.Module, rewrites: list[BlockRewrite], options: SEOpti
     built = {}
     for rw in rewrites:
         block = target.get_submodule(rw.path) if rw.path else target
-        # the modules analyse built and checked (attention.build_sites_modules); SE that computes
+        # the modules analyse built and checked (site_modules.build_sites_modules); SE that computes
         # the activation after its add stands for the block's own activation module
         se_blocks = {p.name: p.candidate.module.train(block.training) for p in rw.placements}
         for p in rw.placements:
