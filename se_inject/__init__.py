@@ -10,7 +10,7 @@ store a converted model as safetensors plus a JSON recipe.
 
 from .api import apply, default_example_inputs, find_sites, inject
 from .bench import BenchResult, bench  # the function: ``se_inject.bench`` is not the subpackage
-from .checkpoint import load_checkpoint, read_state_dict
+from .io.checkpoint import load_checkpoint, read_state_dict
 from .errors import (
     BenchError,
     CheckpointError,
@@ -30,7 +30,7 @@ from .errors import (
 )
 from .options import SEOptions
 from .plan import SKIP_REASONS, Injection, Site, SitePlan, Skip, Untraceable
-from .recipe import load, save
+from .io.recipe import load, save
 from .report import Report, build_report
 from .modules.se_block import KERNELS, SEBlock, SEResidual, se_hidden_channels, set_kernels
 from .utils import version as _version

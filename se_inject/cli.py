@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import sys
@@ -26,15 +25,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .api import default_example_inputs, inject
 from .bench import command
-from .checkpoint import load_checkpoint
+from .io.checkpoint import load_checkpoint
 from .errors import (CheckpointError, NoResidualAddsError, NoResidualAddsWarning, SEInjectError, SEInjectWarning,
                      UnknownModelError)
 from .options import SEOptions
 from .plan import Injection
-from .recipe import save
+from .io.recipe import save
 from .render import render_plan, render_report, render_summary
 from .report import Report, build_report
-from .sources import Source, from_hf_directory, hf_source, is_hf_directory, timm_source
+from .io.sources import Source, from_hf_directory, hf_source, is_hf_directory, resolve_models, timm_source
 from .utils import first_line, version
 
 __all__ = ["main", "build_parser"]
@@ -141,32 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--show-skipped", action="store_true", help="list every skipped add")
     command.add_parser(sub, _add_options, EXAMPLES)
     return parser
-
-
-def resolve_models(names: Sequence[str]) -> list[str]:
-    """Expand globs and check every name against timm; raise UnknownModelError with suggestions.
-
-    A name that is an existing directory holding ``config.json`` is a Hugging Face model and kept.
-    """
-    resolved: list[str] = []
-    for name in names:
-        if Path(name).is_dir():
-            if not is_hf_directory(name):
-                raise UnknownModelError(f"{name} is a directory without config.json; a Hugging Face model "
-                                        f"directory is what save_pretrained writes")
-            resolved.append(name)
-        elif any(c in name for c in "*?["):
-            matches = timm.list_models(name)
-            if not matches:
-                raise UnknownModelError(f"no timm model matches {name!r}")
-            resolved.extend(matches)
-        elif timm.is_model(name):
-            resolved.append(name)
-        else:
-            close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-            raise UnknownModelError(f"unknown model {name!r}{hint}")
-    return list(dict.fromkeys(resolved))
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[st
 
 def _fused_worker(path: str) -> None:
     """In the TRITON_INTERPRET=1 subprocess: each spelling, fused, with the op's calls counted."""
-    from se_inject import se_block
+    from se_inject.modules import se_block
 
     fused = se_block._load_fused()
     assert fused.INTERPRETED
@@ -139,7 +139,8 @@ def test_the_compiled_tail_matches_eager(add_in_place, out_act):
 _BUILT_ON_CUDA = """
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from se_inject import SEResidual, se_block
+from se_inject import SEResidual
+from se_inject.modules import se_block
 
 def ops_compiled(se, x):
     graphs = []

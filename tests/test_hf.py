@@ -17,7 +17,7 @@ import torch
 import se_inject
 from se_inject import CheckpointError
 from se_inject.cli import main
-from se_inject.sources import from_hf_directory
+from se_inject.io.sources import from_hf_directory
 from se_inject.trace.specialize import trace_as
 
 transformers = pytest.importorskip("transformers")

@@ -9,7 +9,7 @@ import torch
 
 import se_inject
 from se_inject import CheckpointError, RecipeError, UnknownModelError
-from se_inject.recipe import RECIPE_FILE, WEIGHTS_FILE, _sha256, read_recipe
+from se_inject.io.recipe import RECIPE_FILE, WEIGHTS_FILE, _sha256, read_recipe
 
 X64 = torch.randn(2, 3, 64, 64)
 
@@ -228,10 +228,10 @@ import shutil  # noqa: E402
 import stat  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import se_inject.recipe as recipe_module  # noqa: E402
+import se_inject.io.recipe as recipe_module  # noqa: E402
 
 try:
-    from se_inject import atomic_dir
+    from se_inject.io import atomic_dir
 except ImportError:  # before se_inject wrote a new directory and swapped it in
     atomic_dir = None
 
@@ -447,7 +447,7 @@ def test_load_bounds_the_model_size_before_allocating_it(saved, tmp_path, monkey
     monkeypatch.setattr(torch, "empty", empty)
     # 11,176,512 + 9,620 elements without the classifier, 512 * 10**9 + 10**9 with it
     with pytest.raises(RecipeError, match=rf"describes a resnet18 of 513,011,186,132 parameter and buffer elements, "
-                                          rf"more than the {se_inject.recipe.MAX_PARAMETERS:,}"):
+                                          rf"more than the {se_inject.io.recipe.MAX_PARAMETERS:,}"):
         se_inject.load(directory)
     assert max(allocated, default=0) < 10 ** 8
     with pytest.raises(se_inject.OptionError, match="max_parameters must be a positive integer or None"):

@@ -98,7 +98,7 @@ def bench(models: Union[str, nn.Module, Sequence[Union[str, nn.Module]]], *,
 
 def _resolved(models: Union[str, nn.Module, Sequence[Union[str, nn.Module]]]) -> list[Union[str, nn.Module]]:
     """Modules as they are, names through the command line's resolution (globs, HF directories)."""
-    from ..cli import resolve_models
+    from ..io.sources import resolve_models
 
     items = [models] if isinstance(models, (str, nn.Module)) else list(models)
     if not items:

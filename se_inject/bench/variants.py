@@ -28,7 +28,7 @@ from ..errors import NoResidualAddsError, NoResidualAddsWarning
 from ..options import SEOptions
 from ..report import build_report, count_flops
 from ..modules.se_block import ACT_LAYERS, GATE_LAYERS, resolve_layer, set_kernels
-from ..sources import from_hf_directory, is_hf_directory, timm_source
+from ..io.sources import from_hf_directory, is_hf_directory, timm_source
 from ..utils import eval_mode
 from .results import ModelBench, VariantInfo
 from .settings import SE_VARIANTS

@@ -18,10 +18,10 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .trace.record import outputs_match
-from .errors import RecipeError
-from .trace.tracer import restore_hooks, stash_hooks
-from .utils import describe_error, eval_mode
+from ..trace.record import outputs_match
+from ..errors import RecipeError
+from ..trace.tracer import restore_hooks, stash_hooks
+from ..utils import describe_error, eval_mode
 
 __all__ = ["floating_dtype", "check_one_dtype", "output_difference", "likely_cause"]
 

@@ -15,8 +15,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .utils import describe_mismatch, first_line
+from ..errors import CheckpointError
+from ..utils import describe_mismatch, first_line
 
 __all__ = ["read_state_dict", "load_checkpoint"]
 

@@ -1,7 +1,7 @@
 """Save a converted model as safetensors weights plus a JSON recipe, and load it back.
 
 Nothing is pickled: the structure is rebuilt from the recipe (the timm model name and kwargs, or the
-transformers class and config, see :mod:`se_inject.sources`; then :func:`se_inject.inject` with the
+transformers class and config, see :mod:`se_inject.io.sources`; then :func:`se_inject.inject` with the
 recorded options), the weights are read with safetensors, and both are checked: the sites must be
 the recorded ones, every tensor must be there with its shape and dtype, and the weights file must
 have the recorded SHA-256.
@@ -20,11 +20,11 @@ A saved directory holds ``recipe.json`` and ``model.safetensors``::
 the model's weights into it and runs both on the example input, so wrong model name or kwargs
 never produce a directory that cannot be loaded or that loads as another computation. It writes a
 complete save into a new sibling directory and then swaps that in for the old one (see
-:mod:`se_inject.atomic_dir`), so a failure at any point leaves a previous save whole.
+:mod:`se_inject.io.atomic_dir`), so a failure at any point leaves a previous save whole.
 
 :func:`load` reads nothing but ``recipe.json`` and the weights file beside it and runs no code from
 them: every field of the recipe is checked for its type, the source for code, files and downloads
-(:func:`se_inject.sources.refusal`), the model's size on the meta device before it is allocated
+(:func:`se_inject.io.sources.refusal`), the model's size on the meta device before it is allocated
 (:data:`MAX_PARAMETERS`), and every tensor for its name, shape and dtype.
 """
 
@@ -46,14 +46,14 @@ import torch
 import torchvision
 from torch import nn
 
-from .api import default_example_inputs, inject
+from ..api import default_example_inputs, inject
 from .atomic_dir import write_directory
-from .errors import OptionError, RecipeError, UnknownModelError
-from .options import SEOptions
-from .plan import Injection
+from ..errors import OptionError, RecipeError, UnknownModelError
+from ..options import SEOptions
+from ..plan import Injection
 from .rebuild_check import check_one_dtype, floating_dtype, likely_cause, output_difference
 from .sources import Source, source_for
-from .utils import describe_mismatch, first_line, version
+from ..utils import describe_mismatch, first_line, version
 
 __all__ = ["save", "load", "read_recipe", "RECIPE_FILE", "WEIGHTS_FILE", "FORMAT", "FORMAT_VERSION",
            "MAX_INPUT_ELEMENTS", "MAX_PARAMETERS"]
@@ -162,9 +162,9 @@ def save(
     sites and tensors (names, shapes, dtypes) as ``result.model``; given ``result.model``'s
     weights, it must also give the same outputs on the example input (one more forward of each),
     so a kwarg that changes the computation but no tensor (timm's ``act_layer``, ``global_pool``,
-    ``output_stride``) cannot be left out (see :mod:`se_inject.rebuild_check`). Both files are then
+    ``output_stride``) cannot be left out (see :mod:`se_inject.io.rebuild_check`). Both files are then
     written into a new directory beside ``directory``, which takes its place in one step (see
-    :mod:`se_inject.atomic_dir`): a failure at any point leaves a previous save whole and
+    :mod:`se_inject.io.atomic_dir`): a failure at any point leaves a previous save whole and
     loadable. As the directory is replaced whole, ``overwrite`` refuses one holding other files.
 
     Args:
@@ -173,7 +173,7 @@ def save(
         model_name: for a timm model, the name it was built from (``"resnet50"``).
         model_kwargs: the keyword arguments it was built with (JSON-serialisable), e.g.
             ``{"num_classes": 10}``.
-        source: where the model comes from, as a :class:`se_inject.sources.Source`, instead of
+        source: where the model comes from, as a :class:`se_inject.io.sources.Source`, instead of
             ``model_name``. A transformers model needs neither: its class and config are recorded.
         overwrite: replace a model already saved in ``directory``.
 
@@ -250,7 +250,7 @@ def read_recipe(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     Raises:
         RecipeError: the file is missing, not JSON, not an se_inject recipe, of a newer format
             version, has a missing, mistyped, out-of-range or unknown field, or a source that asks
-            for code, a file or a download (see :func:`se_inject.sources.refusal`); the message
+            for code, a file or a download (see :func:`se_inject.io.sources.refusal`); the message
             says which.
     """
     path = Path(directory) / RECIPE_FILE

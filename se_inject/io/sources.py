@@ -30,21 +30,23 @@ accepts: an unknown kwarg makes it raise, which is reported as a :class:`RecipeE
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from .errors import CheckpointError, RecipeError, UnknownModelError
-from .trace.hf import is_hf_model
-from .utils import first_line
+from ..errors import CheckpointError, RecipeError, UnknownModelError
+from ..trace.hf import is_hf_model
+from ..utils import first_line
 
-__all__ = ["Source", "timm_source", "hf_source", "is_hf_directory", "from_hf_directory", "refusal"]
+__all__ = ["Source", "timm_source", "hf_source", "is_hf_directory", "from_hf_directory", "refusal",
+           "resolve_models"]
 
 LIBRARIES = ("timm", "transformers")
 # Keys of a transformers config that say where it was read from, not what the model is.
@@ -366,3 +368,31 @@ def source_for(model: nn.Module, model_name: Optional[str] = None, model_kwargs:
     raise RecipeError(f"save() needs to know how to build {type(model).__name__} again: pass model_name= "
                       f"(and model_kwargs=) for a timm model, or source=; a transformers model is recorded "
                       f"from its config")
+
+
+def resolve_models(names: Sequence[str]) -> list[str]:
+    """Expand globs and check every name against timm; raise UnknownModelError with suggestions.
+
+    A name that is an existing directory holding ``config.json`` is a Hugging Face model and kept.
+    """
+    import timm
+
+    resolved: list[str] = []
+    for name in names:
+        if Path(name).is_dir():
+            if not is_hf_directory(name):
+                raise UnknownModelError(f"{name} is a directory without config.json; a Hugging Face model "
+                                        f"directory is what save_pretrained writes")
+            resolved.append(name)
+        elif any(c in name for c in "*?["):
+            matches = timm.list_models(name)
+            if not matches:
+                raise UnknownModelError(f"no timm model matches {name!r}")
+            resolved.extend(matches)
+        elif timm.is_model(name):
+            resolved.append(name)
+        else:
+            close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+            raise UnknownModelError(f"unknown model {name!r}{hint}")
+    return list(dict.fromkeys(resolved))
