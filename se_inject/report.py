@@ -1,7 +1,7 @@
 """What did SE cost? Parameters and FLOPs before and after, per site and in total.
 
 :func:`build_report` returns plain data (:class:`Report`, whose :meth:`Report.to_dict` is the JSON
-form); :mod:`se_inject.render` draws it with rich. FLOPs come from
+form); :mod:`se_inject.cli.render` draws it with rich. FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per multiply-add of convs and
 matmuls and nothing for pooling, activations and elementwise ops; SE's own elementwise work (the
 squeeze mean, the activations, the gate scaling and the reweighting product) is reported

@@ -101,7 +101,7 @@ def test_saved_for_backward_bytes_are_equal_for_se_inject_and_timms_twin_and_lar
 def test_the_tables_show_the_variants_the_timings_and_the_memory(eager_run):
     from rich.console import Console
 
-    from se_inject.render import render_bench
+    from se_inject.cli.render import render_bench
 
     result, _ = eager_run
     console = Console(record=True, width=250)

@@ -3,6 +3,13 @@ directory), report what SE costs, save the result.
 
 Exit codes: 0 done; 1 a model has no residual add, cannot be traced, or a file is bad; 2 an
 unknown model name or a usage error.
+
+The room holds the command and nothing of the library needs it:
+
+* ``__init__.py`` (this module): :func:`main` and :func:`build_parser`, the ``report``, ``sites``
+  and ``convert`` subcommands.
+* ``render.py``: reports, plans, skipped adds, summaries and benchmarks drawn with rich.
+* ``bench.py``: the ``se-inject bench`` subcommand's flags and its run with a progress bar.
 """
 
 from __future__ import annotations
@@ -23,18 +30,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .api import default_example_inputs, inject
-from .bench import command
-from .io.checkpoint import load_checkpoint
-from .errors import (CheckpointError, NoResidualAddsError, NoResidualAddsWarning, SEInjectError, SEInjectWarning,
+from ..api import default_example_inputs, inject
+from . import bench as command
+from ..io.checkpoint import load_checkpoint
+from ..errors import (CheckpointError, NoResidualAddsError, NoResidualAddsWarning, SEInjectError, SEInjectWarning,
                      UnknownModelError)
-from .options import SEOptions
-from .plan import Injection
-from .io.recipe import save
+from ..options import SEOptions
+from ..plan import Injection
+from ..io.recipe import save
 from .render import render_plan, render_report, render_summary
-from .report import Report, build_report
-from .io.sources import Source, from_hf_directory, hf_source, is_hf_directory, resolve_models, timm_source
-from .utils import first_line, version
+from ..report import Report, build_report
+from ..io.sources import Source, from_hf_directory, hf_source, is_hf_directory, resolve_models, timm_source
+from ..utils import first_line, version
 
 __all__ = ["main", "build_parser"]
 

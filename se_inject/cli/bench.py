@@ -1,8 +1,8 @@
 """``se-inject bench``: the subcommand's flags, and the run with a progress bar on stderr.
 
-:mod:`se_inject.cli` owns the command and its SE-option flags; it hands them in
+The command itself (:mod:`se_inject.cli`) owns the SE-option flags and hands them in
 (:func:`add_parser` takes the function that adds those flags, :func:`run` the options parsed), so
-this module never imports the CLI. Exit status: 0 done; 1 a model could not be converted or a
+this module never imports the package it is part of (which imports it). Exit status: 0 done; 1 a model could not be converted or a
 variant failed (one line each); 2 a bad setting or an unknown model (one line).
 """
 
@@ -22,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import OptionError, SEInjectError, UnknownModelError
 from ..utils import first_line
-from .results import MODES
-from .settings import DEFAULT_VARIANTS, DTYPES, VARIANTS
+from ..bench.results import MODES
+from ..bench.settings import DEFAULT_VARIANTS, DTYPES, VARIANTS
 
 __all__ = ["add_parser", "run"]
 
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]], options: dict[s
         err: Console) -> int:
     """Run :func:`se_inject.bench` as ``args`` ask, with a progress bar on ``err``; draw or print
     the result on ``out``. Returns the exit status."""
-    from ..render import render_bench
-    from . import bench
+    from .render import render_bench
+    from ..bench import bench
 
     if args.threads:
         torch.set_num_threads(args.threads)

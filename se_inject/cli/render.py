@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .plan import SKIP_REASONS, SitePlan, Skip, Untraceable
-from .report import FLOPS_NOTE, Report
+from ..plan import SKIP_REASONS, SitePlan, Skip, Untraceable
+from ..report import FLOPS_NOTE, Report
 
 if TYPE_CHECKING:
-    from .bench import BenchResult, Cell, ModelBench, Spread
+    from ..bench import BenchResult, Cell, ModelBench, Spread
 
 __all__ = ["render_report", "render_plan", "render_skipped", "render_untraceable", "render_summary", "render_bench"]
 
