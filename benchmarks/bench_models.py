@@ -13,7 +13,7 @@ taken between medians measured in the same run:
 Ratios are computed per round (the variants of a round run back to back) and summarised by
 their median and interquartile range, which cancels the drift of a shared machine between rounds.
 
-The measuring is ``se_inject.bench``'s (``se_inject/bench/``, also ``se-inject bench``): each
+The measuring is ``se_inject.bench``'s (``se_inject/cost/``, also ``se-inject bench``): each
 compiled variant compiled fresh, a recompile-limit hit an error instead of eager timings, the
 bytes a training step saves for backward counted; this script keeps its command line and the
 format of its results (rows now also carry ``warmup_s``, ``saved_bytes`` and ``cuda_peak_bytes``).
@@ -35,8 +35,9 @@ import torch
 from rich.console import Console
 
 import se_inject
-from se_inject.bench import DTYPES, timing
-from se_inject.bench.run import device_name
+from se_inject.cost import timing
+from se_inject.cost.run import device_name
+from se_inject.cost.settings import DTYPES
 
 try:
     from .common import RESULTS, table, write_results

@@ -3,7 +3,7 @@
     python benchmarks/gpu_se.py --commit $(git rev-parse HEAD)   # at most 8 minutes on an H100
     python benchmarks/gpu_se.py --smoke                          # every section on the CPU, tiny sizes
 
-Every model timing is :func:`se_inject.bench`'s (``se_inject/bench/``, ``se-inject bench``):
+Every model timing is :func:`se_inject.bench`'s (``se_inject/cost/``, ``se-inject bench``):
 interleaved rounds, medians and IQRs, overheads as paired per-round ratios; each compiled cell
 starts from ``torch._dynamo.reset()``, each variant compiles through a code object of its own,
 a recompile-limit hit raises instead of timing eager code as compiled, and a timed round that
@@ -106,7 +106,7 @@ except ImportError:  # run as a script: python benchmarks/gpu_se.py
     from gpu_report import markdown  # type: ignore[no-redef]
 
 import se_inject  # noqa: E402
-from se_inject.bench.run import environment  # noqa: E402
+from se_inject.cost.run import environment  # noqa: E402
 from se_inject.utils import describe_error  # noqa: E402
 
 __all__ = ["Section", "plan", "Run", "plain_kernels_only", "main"]

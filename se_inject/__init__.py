@@ -9,7 +9,7 @@ store a converted model as safetensors plus a JSON recipe.
 """
 
 from .api import apply, default_example_inputs, find_sites, inject
-from .bench import BenchResult, bench  # the function: ``se_inject.bench`` is not the subpackage
+from .cost.bench import BenchResult, bench
 from .io.checkpoint import load_checkpoint, read_state_dict
 from .errors import (
     BenchError,
@@ -31,7 +31,7 @@ from .errors import (
 from .options import SEOptions
 from .plan import SKIP_REASONS, Injection, Site, SitePlan, Skip, Untraceable
 from .io.recipe import load, save
-from .report import Report, build_report
+from .cost.report import Report, build_report
 from .modules.se_block import KERNELS, SEBlock, SEResidual, se_hidden_channels, set_kernels
 from .utils import version as _version
 

@@ -17,8 +17,8 @@ import torch._dynamo
 from torch import nn
 
 import se_inject
-from se_inject.bench import memory, timing
-from se_inject.bench.variants import TWINS, build_variants, timm_twin
+from se_inject.cost import memory, timing
+from se_inject.cost.variants import TWINS, build_variants, timm_twin
 from se_inject.cli import main
 from se_inject.options import SEOptions
 from tests.test_attention import PAIRS as ATTENTION_PAIRS
@@ -341,7 +341,7 @@ def test_the_command_prints_json_and_keeps_it_with_the_command_line(tmp_path, ca
 @pytest.mark.slow
 def test_importing_se_inject_leaves_the_harness_unloaded():
     code = ("import sys, se_inject; print(callable(se_inject.bench), "
-            "[m for m in ('se_inject.bench.run', 'se_inject.bench.steps', 'se_inject.bench.variants') if m in sys.modules])")
+            "[m for m in ('se_inject.cost.run', 'se_inject.cost.steps', 'se_inject.cost.variants') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.split("\n")[0] == "True []", done.stderr
 

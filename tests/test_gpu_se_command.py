@@ -22,7 +22,7 @@ import torch._dynamo
 import se_inject
 import se_inject.fused
 from benchmarks import gpu_check, gpu_se
-from se_inject.bench import BenchResult, Cell, Spread, Timing
+from se_inject.cost.bench import BenchResult, Cell, Spread, Timing
 
 
 class Clock:

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import se_inject
-from se_inject.report import build_report, count_flops
+from se_inject.cost.report import build_report, count_flops
 
 REQUIRED_KEYS = {"model", "input_shape", "reduction", "params", "flops", "sites", "skipped"}
 

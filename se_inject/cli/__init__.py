@@ -39,7 +39,7 @@ from ..options import SEOptions
 from ..plan import Injection
 from ..io.recipe import save
 from .render import render_plan, render_report, render_summary
-from ..report import Report, build_report
+from ..cost.report import Report, build_report
 from ..io.sources import Source, from_hf_directory, hf_source, is_hf_directory, resolve_models, timm_source
 from ..utils import first_line, version
 

@@ -22,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import OptionError, SEInjectError, UnknownModelError
 from ..utils import first_line
-from ..bench.results import MODES
-from ..bench.settings import DEFAULT_VARIANTS, DTYPES, VARIANTS
+from ..cost.results import MODES
+from ..cost.settings import DEFAULT_VARIANTS, DTYPES, VARIANTS
 
 __all__ = ["add_parser", "run"]
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]], options: dict[s
     """Run :func:`se_inject.bench` as ``args`` ask, with a progress bar on ``err``; draw or print
     the result on ``out``. Returns the exit status."""
     from .render import render_bench
-    from ..bench import bench
+    from ..cost.bench import bench
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Draw what se_inject found and what SE cost, with rich: the report, the dry run's plan, the
 adds that were skipped, a summary over several models, and a benchmark's timings. Data comes from
-:mod:`se_inject.report` and :mod:`se_inject.plan`; nothing here computes anything."""
+:mod:`se_inject.cost.report` and :mod:`se_inject.plan`; nothing here computes anything."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..plan import SKIP_REASONS, SitePlan, Skip, Untraceable
-from ..report import FLOPS_NOTE, Report
+from ..cost.report import FLOPS_NOTE, Report
 
 if TYPE_CHECKING:
-    from ..bench import BenchResult, Cell, ModelBench, Spread
+    from ..cost.bench import BenchResult, Cell, ModelBench, Spread
 
 __all__ = ["render_report", "render_plan", "render_skipped", "render_untraceable", "render_summary", "render_bench"]
 

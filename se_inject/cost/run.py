@@ -3,7 +3,7 @@
 Each cell (model, batch size, mode, compiled) builds one step per variant, runs each step's
 warm-up (compilation happens there, so it is timed apart), counts what a training step saves
 for backward and, on CUDA, its peak memory, then times the variants in interleaved rounds
-(:func:`se_inject.bench.timing.interleaved`). A finished cell goes to ``on_cell`` at once, so a
+(:func:`se_inject.cost.timing.interleaved`). A finished cell goes to ``on_cell`` at once, so a
 caller can write it before the next one starts.
 
 The budget (``budget_s``) bounds the whole run. A cell gets an equal share of what is left when

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .modules.attentions import attention_label, given
-from .plan import Injection, Site, Skip, Untraceable
-from .modules.se_block import SEBlock
-from .utils import eval_mode
+from ..modules.attentions import attention_label, given
+from ..plan import Injection, Site, Skip, Untraceable
+from ..modules.se_block import SEBlock
+from ..utils import eval_mode
 
 __all__ = ["SiteCost", "Report", "build_report", "count_flops", "FLOPS_NOTE"]
 

@@ -26,7 +26,7 @@ from ..api import default_example_inputs, inject
 from ..modules.attentions import given
 from ..errors import NoResidualAddsError, NoResidualAddsWarning
 from ..options import SEOptions
-from ..report import build_report, count_flops
+from .report import build_report, count_flops
 from ..modules.se_block import ACT_LAYERS, GATE_LAYERS, resolve_layer, set_kernels
 from ..io.sources import from_hf_directory, is_hf_directory, timm_source
 from ..utils import eval_mode

@@ -1,21 +1,10 @@
-"""What SE costs on this machine, in time and in memory: :func:`bench` (``se-inject bench``).
+"""``bench``: what SE costs on this machine, in time and in memory (``se-inject bench``).
 
-The package holds the benchmark harness, one idea per module:
-
-* :mod:`~se_inject.bench.settings`: what a run is asked to do, checked before any work;
-* :mod:`~se_inject.bench.variants`: the original, se_inject's model and timm's hand-written twin,
-  built from one seed (and :data:`~se_inject.bench.variants.TWINS`, the one table of twins);
-* :mod:`~se_inject.bench.steps`: one inference or training iteration, eager or compiled, and the
-  guards that keep compiled figures honest (fresh compiles, no silent eager fallback);
-* :mod:`~se_inject.bench.timing`: interleaved rounds in rotated order, medians, IQRs, paired
-  per-round ratios;
-* :mod:`~se_inject.bench.memory`: bytes saved for backward (exact, any device), CUDA peak memory;
-* :mod:`~se_inject.bench.run`: the grid of cells within the time budget;
-* :mod:`~se_inject.bench.results`: the typed records returned, with ``to_dict()`` for JSON.
-
-``se_inject.bench`` is the function; its modules are reached with ``from se_inject.bench import
-timing`` (``import se_inject.bench.timing as t`` finds the function first). Importing this
-package is cheap: torch.compile's machinery is imported when a run needs it.
+:func:`bench` checks its settings and options before any work, resolves the models (names, globs,
+Hugging Face directories, modules) and hands the grid of cells to :func:`se_inject.cost.run.run`;
+``se_inject.bench`` is this function (the benchmark harness is the room ``se_inject.cost``, so the
+function no longer shadows a package of its name). Importing this module is cheap: the variants,
+the steps and torch.compile's machinery are imported when a run needs them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A run is a grid of *cells*, one per (model, batch size, mode, compiled); each cell times every
 *variant* of its model (the original, se_inject's, timm's hand-written twin) in interleaved rounds
 and holds their timings, memory figures and ratios. Nothing here measures anything: the numbers
-come from :mod:`se_inject.bench.timing` and :mod:`se_inject.bench.memory`.
+come from :mod:`se_inject.cost.timing` and :mod:`se_inject.cost.memory`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class VariantInfo:
         model: what was built: the model's name, or timm's twin's (``"seresnet50"``).
         params: its parameter count.
         flops: FLOPs of one image at the benchmark's input size, from
-            :func:`se_inject.report.count_flops` (``FlopCounterMode``).
+            :func:`se_inject.cost.report.count_flops` (``FlopCounterMode``).
         kernels: how its SE blocks run (:data:`se_inject.KERNELS`); None for the others.
     """
 

@@ -22,7 +22,7 @@ __all__ = ["BenchSettings", "VARIANTS", "DEFAULT_VARIANTS", "SE_VARIANTS", "DTYP
 #: The variants a run can time. "se_inject" runs SE blocks with the options' ``kernels``;
 #: "se_inject plain" and "se_inject fused" force plain torch ops or the fused op
 #: (:func:`se_inject.set_kernels`); "timm" is timm's hand-written model with the same attention,
-#: where one exists (:func:`se_inject.bench.variants.timm_twin`).
+#: where one exists (:func:`se_inject.cost.variants.timm_twin`).
 VARIANTS = ("original", "se_inject", "se_inject plain", "se_inject fused", "timm")
 DEFAULT_VARIANTS = ("original", "se_inject", "timm")
 #: The se_inject variants and the kernels each forces (None: the options' own).
