@@ -14,7 +14,7 @@ import timm
 import torch
 
 import se_inject
-from se_inject.sites.placement import POSITIONS
+from se_inject.options import POSITIONS
 
 PAIRS = [("resnet50d", "ecaresnet50d", dict(attn="eca")), ("resnet26t", "ecaresnet26t", dict(attn="eca")),
          ("resnet33ts", "seresnet33ts", dict(attn="se", position="mid")),

@@ -28,11 +28,11 @@ from .errors import (
     UnknownModelError,
     VerificationError,
 )
-from .options import SEOptions
+from .options import KERNELS, SEOptions
 from .plan import SKIP_REASONS, Injection, Site, SitePlan, Skip, Untraceable
 from .io.recipe import load, save
 from .cost.report import Report, build_report
-from .modules.se_block import KERNELS, SEBlock, SEResidual, se_hidden_channels, set_kernels
+from .modules.se_block import SEBlock, SEResidual, se_hidden_channels, set_kernels
 from .utils import version as _version
 
 __version__ = _version()

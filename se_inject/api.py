@@ -10,7 +10,7 @@ import contextlib
 import copy
 import inspect
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Union
 
 import torch
 from torch import nn
@@ -19,13 +19,14 @@ from torch.utils._pytree import tree_flatten
 from .trace import hf
 from .rewrite.cut import BlockRewrite
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
+from .modules.build import check_options
 from .options import SEOptions, takes_options
 from .rewrite.pipeline import analyse, install
 from .plan import Injection, SitePlan
 from .trace.tracer import TRACE_LOCK, global_hooks_suspended, restore_hooks, stash_hooks
 from .utils import eval_mode, gc_paused, rng_kept, torch_defaults, warn
 
-__all__ = ["apply", "inject", "find_sites", "default_example_inputs"]
+__all__ = ["apply", "inject", "find_sites", "default_example_inputs", "checked_options"]
 
 #: se_inject's calls take turns: they share fx's process-wide patching (see tracer.TRACE_LOCK).
 _LOCK = TRACE_LOCK
@@ -153,12 +154,24 @@ def _session() -> Iterator[None]:
         yield
 
 
-def _options(options: dict[str, Any], caller: str) -> SEOptions:
-    """The options, checked. The check runs small SE blocks, which global hooks must not see; and
+def checked_options(options: Union[SEOptions, Mapping[str, Any]], caller: str = "SEOptions") -> SEOptions:
+    """The options (keyword arguments of ``caller``, or options already built), checked in full
+    before any analysis: each value on its own (:class:`SEOptions`), then against the attention
+    (:func:`se_inject.modules.build.check_options`). ``apply`` / ``inject`` / ``find_sites`` call it
+    once per call, and so do :func:`se_inject.bench` and the recipe reader, so that every way in
+    fails the same way, before any work.
+
+    The checks run layers and small attention modules, which global hooks must not see; and
     without gradients, since a global backward hook alone makes torch wrap every module output in
-    a ``BackwardHookFunction``, on which the gate's in-place ops would fail."""
+    a ``BackwardHookFunction``, on which the gate's in-place ops would fail.
+
+    Raises:
+        OptionError: an unknown option, a bad value, or options the attention cannot take.
+    """
     with global_hooks_suspended(), torch.no_grad():
-        return SEOptions.from_kwargs(options, caller=caller)
+        built = options if isinstance(options, SEOptions) else SEOptions.from_kwargs(options, caller=caller)
+        check_options(built)
+    return built
 
 
 def _check_flag(name: str, value: Any) -> None:
@@ -209,7 +222,7 @@ def inject(model: nn.Module, *, example_inputs: Any = None, inplace: bool = Fals
     Options:
         {options}
     """
-    opts = _options(options, "inject")
+    opts = checked_options(options, "inject")
     _check_flag("inplace", inplace)
     _check_flag("strict", strict)
     _check_model(model)
@@ -290,7 +303,7 @@ def find_sites(model: nn.Module, *, example_inputs: Any = None, strict: bool = F
     if "inplace" in options:
         raise OptionError("find_sites() never changes the model, so it takes no inplace option; "
                           "apply() and inject() do")
-    opts = _options(options, "find_sites")
+    opts = checked_options(options, "find_sites")
     _check_flag("strict", strict)
     _check_model(model)
     inputs = _as_inputs(model, example_inputs)

@@ -1,11 +1,21 @@
-"""What se_inject takes as an activation (``act_layer``) and as a gate (``gate_layer``), checked by
-what the layer does, in one place.
+"""The layers se_inject knows by name, and what it takes as an activation or a gate: one vocabulary
+for the options, the SE block, the fused kernels and the graph passes, and one behaviour check.
 
-A class that runs is not yet an activation: ``nn.Identity`` as a gate turns SE into an unbounded
-linear scale, and a module returning zeros switches the excitation off. So a layer class is built
-the way SE builds it (:func:`new_layer`) and run on a few fixed probe tensors, on the CPU in
-float32, with torch's defaults (:func:`se_inject.utils.torch_defaults`: no ambient device, no
-autocast), once per class:
+**The vocabulary.** :data:`ACTIVATIONS` (``act_layer``: ``relu``, ``relu6``, ``silu``/``swish``,
+``gelu``, ``hard_swish``, ``mish``) and :data:`GATES` (``gate_layer``: ``sigmoid``,
+``hard_sigmoid``) give each name its module class (what :class:`~se_inject.modules.se_block.SEBlock`
+builds), its function (what the fused op and its reference compute) and its backward in aten ops
+(what the fused op's written-out backward runs). :data:`OUT_ACTS` are the activations after a
+residual add that an SE block can take over (``none``, ``relu``, ``silu``): their code in the
+Triton kernels, their function, and how a traced graph spells them (the module class, the
+functions, the Tensor methods). Everything else that needs these names reads them here.
+
+**The behaviour check.** A class given instead of a name is checked for what it does, since a class
+that runs is not yet an activation: ``nn.Identity`` as a gate turns SE into an unbounded linear
+scale, and a module returning zeros switches the excitation off. So a layer class is built the way
+SE builds it (:func:`new_layer`) and run on a few fixed probe tensors, on the CPU in float32, with
+torch's defaults (:func:`se_inject.utils.torch_defaults`: no ambient device, no autocast), once per
+class:
 
 * an **activation** is *elementwise* (each output depends on the input at its own position only,
   through the same function at every position and batch row, for 2-D ``(N, C)`` and 4-D
@@ -13,13 +23,18 @@ autocast), once per class:
 * a **gate** is elementwise, maps 0 to exactly 0.5, maps every input (-1e30 ... 1e30) into
   [0, 1], and is non-decreasing and not constant there (``sigmoid``, ``hard_sigmoid``).
 
-Every way a layer class enters se_inject goes through :func:`se_inject.modules.se_block.resolve_layer`,
-which calls :func:`check_activation` or :func:`check_gate`; :class:`se_inject.modules.attentions.GainGate`
-checks the gate module it builds with :func:`check_gate_module`.
+Every way a layer class enters se_inject goes through :func:`resolve_layer`, which calls
+:func:`check_activation` or :func:`check_gate`: :class:`~se_inject.options.SEOptions` when it is
+built, :class:`~se_inject.modules.se_block.SEBlock`, and the timm attentions' layers;
+:class:`se_inject.modules.attentions.GainGate` checks the gate module it builds with
+:func:`check_gate_module`.
 
 :func:`alive_point` is what identity init needs to know about an activation: a point where its
 value is known exactly in every float dtype and its slope is not zero (see
 :meth:`se_inject.modules.se_block.SEBlock.init_identity_`).
+
+This is a core module (like :mod:`se_inject.options`): it imports only :mod:`se_inject.errors`
+and :mod:`se_inject.utils`, so that the options, the modules and the fused kernels can all read it.
 """
 
 from __future__ import annotations
@@ -27,15 +42,123 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Type, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .errors import OptionError
 from .utils import describe_error, torch_defaults
 
-__all__ = ["new_layer", "check_activation", "check_gate", "check_gate_module", "alive_point"]
+__all__ = ["Layer", "OutAct", "ACTIVATIONS", "GATES", "OUT_ACTS", "ACT_LAYERS", "GATE_LAYERS", "resolve_layer",
+           "layer_name", "new_layer", "check_activation", "check_gate", "check_gate_module", "alive_point"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An activation or gate by name: the module class SE builds, the function the fused op and its
+    reference compute, and ``backward(grad, pre, post)``: the gradient of the layer's input from
+    that of its output, given its input ``pre`` and its output ``post``, in aten's backward ops
+    (so that AOTAutograd can trace it)."""
+
+    module: Type[nn.Module]
+    function: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _silu_backward(g: Tensor, pre: Tensor, post: Tensor) -> Tensor:
+    return aten.silu_backward.default(g, pre)
+
+
+#: Activations of the excitation MLP, by name (``act_layer``).
+ACTIVATIONS: dict[str, Layer] = {
+    "relu": Layer(nn.ReLU, F.relu, lambda g, pre, post: aten.threshold_backward.default(g, post, 0)),
+    "relu6": Layer(nn.ReLU6, F.relu6, lambda g, pre, post: aten.hardtanh_backward.default(g, pre, 0.0, 6.0)),
+    "silu": Layer(nn.SiLU, F.silu, _silu_backward),
+    "swish": Layer(nn.SiLU, F.silu, _silu_backward),
+    "gelu": Layer(nn.GELU, F.gelu, lambda g, pre, post: aten.gelu_backward.default(g, pre, approximate="none")),
+    "hard_swish": Layer(nn.Hardswish, F.hardswish, lambda g, pre, post: aten.hardswish_backward.default(g, pre)),
+    "mish": Layer(nn.Mish, F.mish, lambda g, pre, post: aten.mish_backward.default(g, pre)),
+}
+
+#: Gates of the excitation, by name (``gate_layer``); each maps 0 to 0.5, which identity init relies on.
+GATES: dict[str, Layer] = {
+    "sigmoid": Layer(nn.Sigmoid, torch.sigmoid, lambda g, pre, post: aten.sigmoid_backward.default(g, post)),
+    "hard_sigmoid": Layer(nn.Hardsigmoid, F.hardsigmoid,
+                          lambda g, pre, post: aten.hardsigmoid_backward.default(g, pre)),
+}
+
+
+@dataclass(frozen=True)
+class OutAct:
+    """An activation after the residual add that an SE block can compute itself (``out_act``).
+
+    Attributes:
+        code: its ``OUT_ACT`` value in the Triton kernels (``tl.constexpr``).
+        function: what it computes, out of place.
+        module: the module class that computes it in a model (matched by exact type), if any.
+        functions / methods: the functions and the Tensor methods (by name) that compute it in a
+            traced graph.
+    """
+
+    code: int
+    function: Callable[[Tensor], Tensor]
+    module: Optional[Type[nn.Module]] = None
+    functions: tuple[Callable[..., Tensor], ...] = ()
+    methods: tuple[str, ...] = ()
+
+
+#: Activations after the residual add that an SE block can take over, in the order of their codes.
+OUT_ACTS: dict[str, OutAct] = {
+    "none": OutAct(0, lambda z: z),
+    "relu": OutAct(1, F.relu, nn.ReLU, (F.relu, F.relu_, torch.relu, torch.relu_), ("relu", "relu_")),
+    "silu": OutAct(2, F.silu, nn.SiLU, (F.silu,)),
+}
+
+#: The module classes of :data:`ACTIVATIONS` and :data:`GATES`, by name.
+ACT_LAYERS: dict[str, Type[nn.Module]] = {name: layer.module for name, layer in ACTIVATIONS.items()}
+GATE_LAYERS: dict[str, Type[nn.Module]] = {name: layer.module for name, layer in GATES.items()}
+
+
+def layer_name(cls: type, registry: dict[str, Type[nn.Module]]) -> Optional[str]:
+    """The registry name of a layer class (the first, for aliases), or None for other classes."""
+    return next((name for name, c in registry.items() if c is cls), None)
+
+
+def resolve_layer(
+    layer: Union[str, Type[nn.Module]], registry: dict[str, Type[nn.Module]], option: str
+) -> Type[nn.Module]:
+    """Return the module class named by ``layer`` in ``registry``, or ``layer`` itself if a class.
+
+    A class given for :data:`ACT_LAYERS` must behave as an activation and one for
+    :data:`GATE_LAYERS` as a gate (:func:`check_activation`, :func:`check_gate`): every layer
+    class se_inject uses passes through here.
+
+    Raises:
+        OptionError: ``layer`` is an unknown name, not an ``nn.Module`` subclass, or a class that
+            is not an activation (a gate); the message lists the valid names.
+    """
+    if isinstance(layer, str):
+        try:
+            return registry[layer.lower()]
+        except KeyError:
+            raise OptionError(
+                f"{option}={layer!r} is not a known name; use one of {sorted(registry)} "
+                f"or pass an nn.Module class"
+            ) from None
+    if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
+        raise OptionError(f"{option} must be a name from {sorted(registry)} or an nn.Module class, "
+                          f"got {layer!r}")
+    if registry is GATE_LAYERS:
+        check_gate(layer, option, sorted(registry))
+    elif registry is ACT_LAYERS:
+        check_activation(layer, option, sorted(registry))
+    return layer
+
 
 #: Where an activation is probed: its values here must not lie on one line.
 _POINTS = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)

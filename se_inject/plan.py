@@ -8,8 +8,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .modules.attentions import attention_label, given
-from .options import SEOptions
+from .options import SEOptions, attention_label
 
 __all__ = ["SKIP_REASONS", "Site", "Skip", "Untraceable", "SitePlan", "Injection"]
 
@@ -147,7 +146,7 @@ class SitePlan:
         return {
             "model": name or self.model,
             "input_shape": list(self.input_shapes[0]) if self.input_shapes else [],
-            "reduction": self.options.reduction if given(self.options.reduction) else None,
+            "reduction": self.options.reduction if self.options.given("reduction") else None,
             "attn": attention_label(self.options.attn),
             "position": self.options.position,
             "sites": [s.to_dict() for s in self.sites],

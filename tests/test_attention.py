@@ -21,7 +21,7 @@ import se_inject
 from se_inject import OptionError, SEBlock, SEOptions
 from se_inject.modules.attentions import ATTENTIONS, GainGate
 from se_inject.trace.ops import ATTENTION_TYPES
-from se_inject.sites.placement import POSITIONS
+from se_inject.options import POSITIONS
 from tests.helpers import assert_same_snapshot, count_params, randomize_norms, small_resnet, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,8 @@ from torch import nn
 import se_inject.fused as fused
 from se_inject.fused import _common, _plan, backward, scale, squeeze
 from se_inject.fused.se_residual import se_residual_op
-from se_inject.modules.se_block import ACT_LAYERS, GATE_LAYERS, SEBlock
+from se_inject.layers import ACT_LAYERS, GATE_LAYERS
+from se_inject.modules.se_block import SEBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ("x", "shortcut", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")

@@ -15,8 +15,7 @@ from torch import nn
 
 import se_inject
 from se_inject import SEBlock
-from se_inject.layers import alive_point
-from se_inject.modules.se_block import ACT_LAYERS, resolve_layer
+from se_inject.layers import ACT_LAYERS, alive_point, resolve_layer
 
 ACTS = ["relu", "relu6", "silu", "gelu", "hard_swish", "mish", nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid,
         nn.Softplus]

@@ -8,6 +8,7 @@ The room holds the command and nothing of the library needs it:
 
 * ``__init__.py`` (this module): :func:`main` and :func:`build_parser`, the ``report``, ``sites``
   and ``convert`` subcommands.
+* ``flags.py``: the SE options as flags (metavar, choices, help notes: the CLI's own metadata).
 * ``render.py``: reports, plans, skipped adds, summaries and benchmarks drawn with rich.
 * ``bench.py``: the ``se-inject bench`` subcommand's flags and its run with a progress bar.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import sys
@@ -32,10 +32,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..api import default_example_inputs, inject
 from . import bench as command
+from .flags import add_options, options_from
 from ..io.checkpoint import load_checkpoint
 from ..errors import (CheckpointError, NoResidualAddsError, NoResidualAddsWarning, SEInjectError, SEInjectWarning,
                      UnknownModelError)
-from ..options import SEOptions
 from ..plan import Injection
 from ..io.recipe import save
 from .render import render_plan, render_report, render_summary
@@ -60,28 +60,6 @@ examples:
 """
 
 
-def _add_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per SE option (``--rd-divisor`` for ``rd_divisor``), documented by the option."""
-    for f in dataclasses.fields(SEOptions):
-        cli = {k: v for k, v in f.metadata["cli"].items() if k not in ("convert", "note")}
-        note = f.metadata["cli"].get("note")
-        default = "" if cli.get("action") else f" (default {f.default})"
-        help_text = f.metadata["doc"].rstrip(".") + (f"; {note}" if note else "") + default
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **cli)
-
-
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """The SE options given on the command line, as keyword arguments of ``inject``."""
-    options = {}
-    for f in dataclasses.fields(SEOptions):
-        value = getattr(args, f.name)
-        if value is None and f.metadata["cli"].get("action") is not None:
-            continue  # an unrepeated --include / --exclude: the option's own default
-        convert = f.metadata["cli"].get("convert")
-        options[f.name] = convert(value) if convert and value is not None else f.default if value is None else value
-    return options
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -96,7 +74,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="timm model name(s), a quoted glob such as 'resnet*', or a directory holding a "
                              "Hugging Face config.json (and optionally its weights, which are then loaded)")
-    _add_options(parser)
+    add_options(parser)
     parser.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
                         help="example input size (default: the model's pretrained_cfg, else 3 224 224)")
     parser.add_argument("--num-classes", type=int, metavar="N",
@@ -145,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace a model already saved in DIR")
     convert.add_argument("--json", action="store_true", help="print the report as JSON")
     convert.add_argument("--show-skipped", action="store_true", help="list every skipped add")
-    command.add_parser(sub, _add_options, EXAMPLES)
+    command.add_parser(sub, add_options, EXAMPLES)
     return parser
 
 
@@ -204,7 +182,7 @@ def _convert(name: str, args: argparse.Namespace, err: Console
     inputs = _inputs(model, args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SEInjectWarning)
-        result = inject(model, example_inputs=inputs, strict=args.strict, **_options(args))
+        result = inject(model, example_inputs=inputs, strict=args.strict, **options_from(args))
     if not result.plan.sites and args.command != "sites":  # the dry run explains why instead
         raise NoResidualAddsError(f"{name} has no residual add that can take an SE block "
                                   f"({result.plan.skip_summary()}); `se-inject sites {name}` lists them")
@@ -242,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if args.command == "bench":
-        return command.run(args, argv, _options(args), out, err)
+        return command.run(args, argv, options_from(args), out, err)
     try:
         models = resolve_models(args.models)
     except UnknownModelError as e:

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 from torch import nn
 
 from ..errors import OptionError
-from ..options import SEOptions, takes_options
+from ..api import checked_options
+from ..options import takes_options
 from .results import MODES, BenchResult, Cell, ModelBench, Spread, Timing, VariantInfo
 from .settings import DEFAULT_VARIANTS, DTYPES, SE_VARIANTS, VARIANTS, BenchSettings, default_device
 
@@ -75,9 +76,9 @@ def bench(models: Union[str, nn.Module, Sequence[Union[str, nn.Module]]], *,
                              channels_last=channels_last, batch_sizes=batch_sizes, img_size=img_size, rounds=rounds,
                              reps=reps, warmup=warmup, budget_s=budget_s, seed=seed, num_classes=num_classes,
                              strict=strict).checked()
-    opts = SEOptions.from_kwargs(options, caller="bench")
+    opts = checked_options(options, "bench")
     forced = [v for v in settings.variants if SE_VARIANTS.get(v)]
-    if forced and not (isinstance(opts.attn, str) and opts.attn == "se"):
+    if forced and not opts.is_se:
         raise OptionError(f"the variants {forced} force SE kernels, which are for attn='se'; with attn="
                           f"{opts.attn!r} time 'se_inject' alone")
     from .run import run

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..modules.attentions import attention_label, given
 from ..plan import Injection, Site, Skip, Untraceable
 from ..modules.se_block import SEBlock
+from ..options import attention_label
 from ..utils import eval_mode
 
 __all__ = ["SiteCost", "Report", "build_report", "count_flops", "FLOPS_NOTE"]
@@ -179,7 +179,7 @@ def build_report(original: nn.Module, result: Injection, example_inputs: Sequenc
     return Report(
         model=model_name or type(original).__name__,
         input_shape=shape,
-        reduction=options.reduction if given(options.reduction) else None,
+        reduction=options.reduction if options.given("reduction") else None,
         params_before=sum(p.numel() for p in original.parameters()),
         params_after=sum(p.numel() for p in result.model.parameters()),
         flops_before=flops_before,

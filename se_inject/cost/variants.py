@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from ..api import default_example_inputs, inject
-from ..modules.attentions import given
 from ..errors import NoResidualAddsError, NoResidualAddsWarning
 from ..options import SEOptions
 from .report import build_report, count_flops
-from ..modules.se_block import ACT_LAYERS, GATE_LAYERS, resolve_layer, set_kernels
+from ..layers import ACT_LAYERS, GATE_LAYERS, resolve_layer
+from ..modules.se_block import set_kernels
 from ..io.sources import from_hf_directory, is_hf_directory, timm_source
 from ..utils import eval_mode
 from .results import ModelBench, VariantInfo
@@ -73,7 +73,7 @@ def timm_twin(model: str, options: SEOptions) -> tuple[Optional[str], str]:
                   resolve_layer(options.gate_layer, GATE_LAYERS, "gate_layer"))
         if layers != (nn.ReLU, nn.Sigmoid):
             return None, "timm's SE models use a ReLU and a sigmoid gate, not these act_layer / gate_layer"
-    elif given(options.act_layer) or given(options.gate_layer):
+    elif options.given("act_layer") or options.given("gate_layer"):
         return None, f"timm's {attn} models use {attn}'s own layers, not the act_layer / gate_layer given"
     prefix, module = entry
     name = prefix + model

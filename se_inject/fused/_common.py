@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..layers import OUT_ACTS as _OUT_ACTS
 from ._plan import cached_plan
 
 try:
@@ -48,8 +49,9 @@ __all__ = [
     "pointwise_ids", "at", "per_channel", "split_ids", "reduction_rows", "launch", "register_op",
 ]
 
-#: Activations after the residual add, with the code the kernels use as a ``tl.constexpr``.
-OUT_ACTS: dict[str, int] = {"none": 0, "relu": 1, "silu": 2}
+#: Activations after the residual add (:data:`se_inject.layers.OUT_ACTS`), with the code the kernels
+#: use as a ``tl.constexpr``.
+OUT_ACTS: dict[str, int] = {name: out_act.code for name, out_act in _OUT_ACTS.items()}
 
 #: Dtypes the Triton kernels take (they accumulate in fp32 and store in the output's dtype).
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

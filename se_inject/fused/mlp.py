@@ -16,35 +16,18 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..layers import ACTIVATIONS
+from ..layers import GATES as _GATE_LAYERS
+
 __all__ = ["ACTS", "GATES", "MLPState", "MLPGrads", "check_names", "mlp_forward", "mlp_backward"]
 
 aten = torch.ops.aten
 
-#: Activations between fc1 and fc2 (the names of ``se_inject.modules.se_block.ACT_LAYERS``).
-ACTS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "swish": F.silu, "gelu": F.gelu,
-    "hard_swish": F.hardswish, "mish": F.mish,
-}
+#: Activations between fc1 and fc2, by name (:data:`se_inject.layers.ACTIVATIONS`).
+ACTS: dict[str, Callable[[Tensor], Tensor]] = {name: layer.function for name, layer in ACTIVATIONS.items()}
 
-#: Gates after fc2 (the names of ``se_inject.modules.se_block.GATE_LAYERS``).
-GATES: dict[str, Callable[[Tensor], Tensor]] = {"sigmoid": torch.sigmoid,
-                                                "hard_sigmoid": F.hardsigmoid}
-
-# d act / d pre-activation, from (grad, pre-activation, activation output).
-_ACT_BACKWARD: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "relu": lambda g, pre, post: aten.threshold_backward.default(g, post, 0),
-    "relu6": lambda g, pre, post: aten.hardtanh_backward.default(g, pre, 0.0, 6.0),
-    "silu": lambda g, pre, post: aten.silu_backward.default(g, pre),
-    "swish": lambda g, pre, post: aten.silu_backward.default(g, pre),
-    "gelu": lambda g, pre, post: aten.gelu_backward.default(g, pre, approximate="none"),
-    "hard_swish": lambda g, pre, post: aten.hardswish_backward.default(g, pre),
-    "mish": lambda g, pre, post: aten.mish_backward.default(g, pre),
-}
-
-_GATE_BACKWARD: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "sigmoid": lambda g, pre, post: aten.sigmoid_backward.default(g, post),
-    "hard_sigmoid": lambda g, pre, post: aten.hardsigmoid_backward.default(g, pre),
-}
+#: Gates after fc2, by name (:data:`se_inject.layers.GATES`).
+GATES: dict[str, Callable[[Tensor], Tensor]] = {name: layer.function for name, layer in _GATE_LAYERS.items()}
 
 
 def check_names(act: str, gate: str) -> None:
@@ -116,10 +99,10 @@ def mlp_backward(dg: Tensor, st: MLPState, fc1_weight: Tensor, fc1_bias: Tensor,
     dt = st.s.dtype
     with _no_autocast(st.s.device):
         dgated = _as(dg, dt) * _as(gain, dt) if gain is not None else _as(dg, dt)
-        dpre_gate = _GATE_BACKWARD[gate](dgated, st.pre_gate, st.gate)
+        dpre_gate = _GATE_LAYERS[gate].backward(dgated, st.pre_gate, st.gate)
         dw2 = dpre_gate.t().mm(st.hidden)
         dhidden = dpre_gate.mm(_as(fc2_weight.flatten(1), dt))
-        dpre_act = _ACT_BACKWARD[act](dhidden, st.pre_act, st.hidden)
+        dpre_act = ACTIVATIONS[act].backward(dhidden, st.pre_act, st.hidden)
         dw1 = dpre_act.t().mm(st.s)
         ds = dpre_act.mm(_as(fc1_weight.flatten(1), dt))
         db1, db2 = dpre_act.sum(0), dpre_gate.sum(0)

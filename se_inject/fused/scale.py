@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..layers import OUT_ACTS
 from ._common import (
     at, check_out_act, launch, per_channel, pointwise_ids, register_op, tensors_supported, tl, triton,
 )
@@ -116,8 +117,4 @@ def scale_residual_act_reference(x: Tensor, g: Tensor, shortcut: Optional[Tensor
     z = x.to(acc) * g.to(acc).reshape(g.shape + (1,) * (x.dim() - 2))
     if shortcut is not None:
         z = z + shortcut.to(acc)
-    if out_act == "relu":
-        z = torch.relu(z)
-    elif out_act == "silu":
-        z = torch.nn.functional.silu(z)
-    return z.to(dtype)
+    return OUT_ACTS[out_act].function(z).to(dtype)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..layers import OUT_ACTS as LAYER_OUT_ACTS
 from ._common import OUT_ACTS, check_out_act, register_op, tensors_supported
 from .backward import compute_gate_grad, compute_input_grad
 from .mlp import ACTS, GATES, MLPState, check_names, mlp_backward, mlp_forward
@@ -231,9 +232,6 @@ def supports(x: Tensor, shortcut: Optional[Tensor], act: str, gate: str, out_act
     return use_fused("fused", x, shortcut, act, gate, out_act)
 
 
-_OUT_ACT_FNS = {"none": lambda z: z, "relu": F.relu, "silu": F.silu}
-
-
 def se_residual_reference(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Tensor,
                           fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
                           gain: Optional[Tensor] = None, act: str = "relu", gate: str = "sigmoid",
@@ -254,4 +252,4 @@ def se_residual_reference(x: Tensor, shortcut: Optional[Tensor], fc1_weight: Ten
     if shortcut is not None:
         z = z + shortcut
         z = z.to(x.dtype) if in_place else z  # `x += shortcut` keeps x's dtype
-    return _OUT_ACT_FNS[out_act](z)
+    return LAYER_OUT_ACTS[out_act].function(z)

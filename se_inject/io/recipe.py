@@ -46,7 +46,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..api import default_example_inputs, inject
+from ..api import checked_options, default_example_inputs, inject
 from .atomic_dir import write_directory
 from ..errors import OptionError, RecipeError, UnknownModelError
 from ..options import SEOptions
@@ -221,7 +221,7 @@ def _check_fields(recipe: dict[str, Any], path: Path) -> None:
         raise RecipeError(f"{path} is not a valid se_inject recipe: {e}") from None
     _require(isinstance(options, dict), path, "options is missing")
     try:
-        SEOptions.from_dict(options)
+        checked_options(SEOptions.from_dict(options))
     except (OptionError, TypeError) as e:
         raise RecipeError(f"{path} has invalid options: {e}") from e
     _require(isinstance(sites, list) and all(isinstance(s, str) for s in sites), path, "sites must be a list of names")

@@ -1,23 +1,20 @@
-"""Which attention module goes at a site: the attentions by name, how se_inject's options map onto
-each one's arguments, exact identity init, and the check every module passes before anything
-changes.
+"""The attentions ``attn=`` takes by name, and what se_inject knows about each.
 
-``attn="se"`` (the default) is se_inject's own :class:`~se_inject.modules.se_block.SEBlock`. Every other
-name is the channel attention timm's ``timm.layers.create_attn`` builds by that name, built by
-timm with its own defaults; a callable (a class or a function) is a *factory* called with the
+``attn="se"`` (the default) is se_inject's own :class:`~se_inject.modules.se_block.SEBlock`. Every
+other name is the channel attention timm's ``timm.layers.create_attn`` builds by that name, built
+by timm with its own defaults; a callable (a class or a function) is a *factory* called with the
 channel count. timm's modules are 2-D only; the check at each site says so where a model is not.
 
-se_inject's ``reduction``, ``rd_divisor``, ``act_layer`` and ``gate_layer`` become timm's
-``rd_ratio = 1 / reduction``, ``rd_divisor``, ``act_layer`` and ``gate_layer``, and are passed only
-when the user gave them: the defaults differ between attentions (gc: ``rd_ratio`` 1/8 and
-``rd_divisor`` 1; ese: a hard-sigmoid gate; coord: Hardswish), and a value se_inject picked would
-silently change the module. An option an attention does not use is an error, from a table kept by
-hand (:data:`ATTENTIONS`), since timm's signatures accept options they ignore.
+:data:`ATTENTIONS` is the table, kept by hand since timm's signatures accept options they ignore:
+for each name, which of se_inject's options it uses, how it starts as an exact identity (the
+submodules to zero, :func:`zero_for_identity`, and a gain-2 gate, :class:`GainGate`) and where its
+hidden width is (:func:`hidden_width`). Every module se_inject inserts that is not an
+:class:`SEBlock` carries :data:`INSERTED_MARK` (:class:`InsertedAttention` matches it). How the
+options become a module is :mod:`se_inject.modules.build`.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -30,42 +27,11 @@ from torch import nn
 
 from ..errors import OptionError
 from ..layers import check_gate_module
-from .se_block import ACT_LAYERS, GATE_LAYERS, SEBlock, resolve_layer
-from ..utils import describe_error
+from ..options import ATTENTION_OPTIONS
+from .se_block import SEBlock
 
-__all__ = ["ATTENTIONS", "INSERTED_MARK", "InsertedAttention", "Attention", "AttentionDefault", "GainGate", "attention_label", "se_defaults", "check_options",
-           "build_module", "check_module", "identity_check", "hidden_width", "OPTIONS_PER_ATTENTION", "given"]
-
-#: The options whose meaning depends on the attention (see the module docstring).
-OPTIONS_PER_ATTENTION = ("reduction", "rd_divisor", "act_layer", "gate_layer")
-
-
-class AttentionDefault:
-    """The default of an option that depends on the attention: ``se_value`` for ``attn="se"``; for
-    any other attention the option is not passed, so the module keeps its own default."""
-
-    def __init__(self, name: str, se_value: Any) -> None:
-        self.name, self.se_value = name, se_value
-
-    def __repr__(self) -> str:
-        return f"<{self.se_value!r} for se, else the attention's own>"
-
-    def __reduce__(self) -> tuple:  # copies and pickles are the one default of that name
-        return _default_named, (self.name,)
-
-
-DEFAULTS = {name: AttentionDefault(name, value)
-            for name, value in zip(OPTIONS_PER_ATTENTION, (16, 8, "relu", "sigmoid"))}
-
-
-def _default_named(name: str) -> AttentionDefault:
-    return DEFAULTS[name]
-
-
-def given(value: Any) -> bool:
-    """Whether an option holds a value the user gave (not an :class:`AttentionDefault`)."""
-    return not isinstance(value, AttentionDefault)
-
+__all__ = ["ATTENTIONS", "NOT_CHANNEL_ATTENTION", "Attention", "GainGate", "INSERTED_MARK", "InsertedAttention",
+           "spec_of", "zero_for_identity", "hidden_width"]
 
 #: The attribute se_inject sets on every attention module it inserts (SEBlock aside).
 INSERTED_MARK = "_se_inject_attention"
@@ -103,7 +69,7 @@ class Attention:
 
     Attributes:
         name: the name (timm's ``create_attn`` name).
-        takes: which of :data:`OPTIONS_PER_ATTENTION` the module uses.
+        takes: which of :data:`~se_inject.options.ATTENTION_OPTIONS` the module uses.
         build: ``build(channels, kwargs)`` returns the module, kwargs in timm's spelling.
         zero: submodules whose weight and bias are zeroed for identity init; None: no exact
             identity exists, ``no_identity`` says why.
@@ -146,7 +112,7 @@ def _gather_excite(channels: int, kwargs: dict[str, Any]) -> nn.Module:
     return module
 
 
-_SE_LIKE = frozenset(OPTIONS_PER_ATTENTION)
+_SE_LIKE = frozenset(ATTENTION_OPTIONS)
 _GATE = frozenset({"gate_layer"})
 
 #: The attentions ``attn=`` takes by name, with the options each uses and how it starts as an identity.
@@ -178,14 +144,7 @@ NOT_CHANNEL_ATTENTION = {
 }
 
 
-def attention_label(attn: Any) -> str:
-    """How plans and errors name an attention: its name, or a factory's qualified name."""
-    if isinstance(attn, str):
-        return attn
-    return getattr(attn, "__qualname__", None) or type(attn).__name__
-
-
-def _spec(attn: Any) -> Optional[Attention]:
+def spec_of(attn: Any) -> Optional[Attention]:
     """The named attention, None for a factory; OptionError for anything else."""
     if isinstance(attn, str):
         if attn in ATTENTIONS:
@@ -205,147 +164,15 @@ def _spec(attn: Any) -> Optional[Attention]:
     raise OptionError(f"attn must be a name from {sorted(ATTENTIONS)} or a factory, got {attn!r}")
 
 
-def se_defaults(options: Any) -> dict[str, Any]:
-    """Check ``options.attn`` is an attention; for ``"se"``, the values of the options left at their
-    :class:`AttentionDefault` (se_inject's defaults), for any other attention nothing."""
-    _spec(options.attn)
-    if isinstance(options.attn, str) and options.attn == "se":
-        return {n: DEFAULTS[n].se_value for n in OPTIONS_PER_ATTENTION if not given(getattr(options, n))}
-    return {}
-
-
-def check_options(options: Any) -> None:
-    """Check the other options against ``options.attn`` (once they are valid on their own).
-
-    An option the attention does not use is an :class:`OptionError`, as is identity init where no
-    exact identity exists; a named timm attention is built once at 64 channels (and made an
-    identity, if asked) so that bad combinations fail here, before any work.
-    """
-    spec = _spec(options.attn)
-    label = attention_label(options.attn)
-    if isinstance(options.attn, str) and options.attn == "se":
-        return
-    for name in OPTIONS_PER_ATTENTION:
-        if not given(getattr(options, name)):
-            continue
-        if spec is None:
-            raise OptionError(f"attn={label} is a factory, which builds its own module: {name} is not used; "
-                              f"configure the factory instead")
-        if name not in spec.takes:
-            uses = ", ".join(sorted(spec.takes)) or "none of them"
-            raise OptionError(f"attn={label!r} does not use {name} (of reduction, rd_divisor, act_layer and "
-                              f"gate_layer it uses {uses}); leave {name} out")
-    if given(options.rd_divisor) and options.rd_divisor is None:
-        raise OptionError(f"rd_divisor=None (the paper's C // r) is for attn='se' only; give attn={label!r} "
-                          f"a divisor (1: no rounding)")
-    if spec is None:
-        return
-    if options.identity_init and spec.zero is None:
-        raise OptionError(f"identity_init is not possible for attn={label!r}: {spec.no_identity}")
-    try:
-        with torch.random.fork_rng(devices=[]):  # a trial: it must not draw from the caller's RNG
-            module = build_module(options, 64, 2)
-    except OptionError:
-        raise
-    except Exception as e:
-        raise OptionError(f"attn={label!r} cannot be built with these options: {describe_error(e)}") from e
-    check_module(module, label, "a 64-channel test input", (2, 64, 8, 8), torch.float32, identity_check(options))
-
-
-def identity_check(options: Any) -> Optional[str]:
-    """How :func:`check_module` checks identity init: ``"exact"`` for named attentions (timm's are
-    zeroed, se_inject's SE cancels exactly: the output is the input bit for bit), ``"close"`` for
-    factories, None without it."""
-    if not options.identity_init:
-        return None
-    return "exact" if isinstance(options.attn, str) else "close"
-
-
-def _timm_kwargs(options: Any, spec: Attention) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if given(options.reduction):
-        kwargs["rd_ratio"] = 1.0 / options.reduction
-    if given(options.rd_divisor):
-        kwargs["rd_divisor"] = options.rd_divisor
-    if given(options.act_layer):
-        kwargs["act_layer"] = resolve_layer(options.act_layer, ACT_LAYERS, "act_layer")
-    gate = resolve_layer(options.gate_layer, GATE_LAYERS, "gate_layer") if given(options.gate_layer) else None
-    if options.identity_init and spec.gain:
-        kwargs["gate_layer"] = functools.partial(GainGate, gate or get_act_layer(spec.default_gate))
-    elif gate is not None:
-        kwargs["gate_layer"] = gate
-    return kwargs
-
-
 @torch.no_grad()
-def _zero(module: nn.Module, paths: tuple[str, ...]) -> None:
-    for path in paths:
+def zero_for_identity(module: nn.Module, spec: Attention) -> None:
+    """Make a timm attention an identity: zero the weights and biases of ``spec.zero``'s submodules."""
+    for path in spec.zero or ():
         sub = module.get_submodule(path)
         for name in ("weight", "bias"):
             p = getattr(sub, name, None)
             if isinstance(p, torch.Tensor):
                 p.zero_()
-
-
-def build_module(options: Any, channels: int, spatial_dims: int, *, device: Any = None, dtype: Any = None,
-                 residual: Optional[tuple[str, bool]] = None) -> nn.Module:
-    """A new attention module for a site with ``channels`` channels, made an identity if asked.
-
-    ``"se"`` is :meth:`SEOptions.make_block` (with ``residual``, an SE block that does the add
-    after it, see :class:`~se_inject.modules.se_block.SEResidual`); a timm attention or a factory's module is moved to
-    ``device`` and ``dtype`` and marked (:data:`INSERTED_MARK`) so that a later
-    ``apply`` sees it as attention.
-    """
-    if options.attn == "se":
-        return options.make_block(channels, spatial_dims, device=device, dtype=dtype, residual=residual)
-    spec = _spec(options.attn)
-    label = attention_label(options.attn)
-    if spec is None:
-        module = options.attn(channels)
-        if not isinstance(module, nn.Module):
-            raise OptionError(f"attn={label} returned {type(module).__name__} for {channels} channels, not an nn.Module")
-    else:
-        module = spec.build(channels, _timm_kwargs(options, spec))
-    to = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    module = module.to(**to) if to else module
-    if options.identity_init:
-        if spec is not None:
-            _zero(module, spec.zero or ())
-        elif callable(getattr(module, "init_identity_", None)):
-            module.init_identity_()
-        else:
-            raise OptionError(f"identity_init: attn={label} is a factory whose module ({type(module).__name__}) "
-                              f"has no init_identity_() method; make the factory return an identity")
-    if not isinstance(module, SEBlock):
-        module.__dict__[INSERTED_MARK] = label
-    return module
-
-
-def check_module(module: nn.Module, label: str, site: str, shape: tuple[int, ...], dtype: torch.dtype,
-                 identity: Optional[str], device: Any = None) -> None:
-    """Run ``module`` (in eval mode, without gradients) on a random tensor of the site's shape and
-    dtype: it must run and return that shape and dtype, and equal its input when identity init was
-    asked for (exactly for timm attentions, which are zeroed; within float rounding otherwise)."""
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-    training = module.training
-    try:
-        with torch.no_grad():
-            y = module.eval()(x)
-    except Exception as e:
-        raise OptionError(f"attn={label} does not run at {site} on its {list(shape)} {dtype} input: "
-                          f"{describe_error(e)}" + (" (timm's attention modules take (N, C, H, W) inputs only)"
-                                                    if len(shape) != 4 and label in ATTENTIONS else "")) from e
-    finally:
-        module.train(training)
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
-        got = f"{list(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise OptionError(f"attn={label} at {site} maps its {list(shape)} {dtype} input to {got}; an attention "
-                          f"module must return the shape and dtype it is given")
-    if identity is not None:
-        close = torch.equal(y, x) if identity == "exact" else torch.allclose(y, x, rtol=1e-3, atol=1e-5)
-        if not close:
-            raise OptionError(f"identity_init: attn={label} at {site} does not return its input "
-                              f"(max |out - in| = {float((y - x).abs().max()):.3g})")
 
 
 def hidden_width(module: nn.Module, attn: Any) -> Optional[int]:

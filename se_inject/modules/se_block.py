@@ -26,37 +26,10 @@ from torch.nn.modules import module as _module_module  # where torch keeps its g
 from torch.nn import functional as F
 
 from ..errors import OptionError
-from ..layers import alive_point, check_activation, check_gate, new_layer
+from ..layers import ACT_LAYERS, GATE_LAYERS, OUT_ACTS, alive_point, layer_name, new_layer, resolve_layer
+from ..options import check_kernels
 
-__all__ = ["SEBlock", "SEResidual", "se_hidden_channels", "set_kernels", "ACT_LAYERS", "GATE_LAYERS", "KERNELS",
-           "OUT_ACTS", "resolve_layer"]
-
-#: Activations accepted by name for the excitation MLP (``act_layer``).
-ACT_LAYERS: dict[str, Type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-    "gelu": nn.GELU,
-    "hard_swish": nn.Hardswish,
-    "mish": nn.Mish,
-}
-
-#: Gates accepted by name (``gate_layer``); each maps 0 to 0.5, which identity init relies on.
-GATE_LAYERS: dict[str, Type[nn.Module]] = {
-    "sigmoid": nn.Sigmoid,
-    "hard_sigmoid": nn.Hardsigmoid,
-}
-
-#: Activations after the residual add that an SE block can take over (``out_act``).
-OUT_ACTS = ("none", "relu", "silu")
-
-#: How SE blocks run: "auto" runs the fused Triton op on CUDA tensors in eager mode and plain
-#: torch ops elsewhere (under torch.compile too, where inductor fuses them itself); "plain"
-#: always runs torch ops (for debugging and comparisons); "fused" uses the fused op wherever it
-#: supports the tensors, under torch.compile too. Either way only on GPUs Triton supports (compute
-#: capability 7.0, and 8.0 for bf16): ``se_inject.fused.use_fused`` decides.
-KERNELS = ("auto", "plain", "fused")
+__all__ = ["SEBlock", "SEResidual", "se_hidden_channels", "set_kernels"]
 
 _CONV_BY_DIMS: dict[int, Type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _FUSED: Any = None  # se_inject.fused once loaded (it imports Triton: seconds, so only on CUDA)
@@ -67,42 +40,6 @@ def _load_fused() -> Any:
     if _FUSED is None:
         _FUSED = importlib.import_module("se_inject.fused")
     return _FUSED
-
-
-def _layer_name(cls: type, registry: dict[str, Type[nn.Module]]) -> Optional[str]:
-    """The registry name of a layer class (the first, for aliases), or None for other classes."""
-    return next((name for name, c in registry.items() if c is cls), None)
-
-
-def resolve_layer(
-    layer: Union[str, Type[nn.Module]], registry: dict[str, Type[nn.Module]], option: str
-) -> Type[nn.Module]:
-    """Return the module class named by ``layer`` in ``registry``, or ``layer`` itself if a class.
-
-    A class given for :data:`ACT_LAYERS` must behave as an activation and one for
-    :data:`GATE_LAYERS` as a gate (:mod:`se_inject.layers`): every layer class se_inject
-    uses passes through here.
-
-    Raises:
-        OptionError: ``layer`` is an unknown name, not an ``nn.Module`` subclass, or a class that
-            is not an activation (a gate); the message lists the valid names.
-    """
-    if isinstance(layer, str):
-        try:
-            return registry[layer.lower()]
-        except KeyError:
-            raise OptionError(
-                f"{option}={layer!r} is not a known name; use one of {sorted(registry)} "
-                f"or pass an nn.Module class"
-            ) from None
-    if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
-        raise OptionError(f"{option} must be a name from {sorted(registry)} or an nn.Module class, "
-                          f"got {layer!r}")
-    if registry is GATE_LAYERS:
-        check_gate(layer, option, sorted(registry))
-    elif registry is ACT_LAYERS:
-        check_activation(layer, option, sorted(registry))
-    return layer
 
 
 def se_hidden_channels(channels: int, reduction: float = 16, divisor: Optional[int] = 8) -> int:
@@ -133,12 +70,12 @@ class SEBlock(nn.Module):
         rd_channels: hidden width; overrides ``rd_ratio`` and ``rd_divisor`` when given.
         rd_divisor: round the hidden width to a multiple of this (timm's rule); ``None`` gives the
             paper's ``max(1, C // r)``. See :func:`se_hidden_channels`.
-        act_layer: activation between ``fc1`` and ``fc2`` (a class or a name in ``ACT_LAYERS``).
+        act_layer: activation between ``fc1`` and ``fc2`` (a class or a name in ``layers.ACT_LAYERS``).
         gate_layer: gate producing the channel weights (a class or a name in ``GATE_LAYERS``).
         spatial_dims: 1, 2 or 3 for (N, C, L), (N, C, H, W) or (N, C, T, H, W) inputs.
         gain: constant the gate is multiplied by (2.0 after :meth:`init_identity_`); see
             :meth:`set_gain_`.
-        kernels: one of :data:`KERNELS`: how the block runs (see :func:`set_kernels`).
+        kernels: one of :data:`~se_inject.options.KERNELS`: how the block runs (see :func:`set_kernels`).
 
     Example:
         >>> se = SEBlock(64)
@@ -178,8 +115,8 @@ class SEBlock(nn.Module):
         self.fc2 = conv(rd_channels, channels, kernel_size=1, bias=True, **dd)
         gate_cls = resolve_layer(gate_layer, GATE_LAYERS, "gate_layer")
         self.gate = gate_cls()
-        self.act_name = _layer_name(act_cls, ACT_LAYERS)
-        self.gate_name = _layer_name(gate_cls, GATE_LAYERS)
+        self.act_name = layer_name(act_cls, ACT_LAYERS)
+        self.gate_name = layer_name(gate_cls, GATE_LAYERS)
         self.out_act = "none"
         self.add_in_place = False
         self.kernels = "auto"
@@ -252,7 +189,9 @@ class SEBlock(nn.Module):
         return self._activate(y)
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
-        """The activation after the add (``out_act``), on this block's own new tensor ``y``."""
+        """The activation after the add (``out_act``), on this block's own new tensor ``y``. The
+        names of :data:`~se_inject.layers.OUT_ACTS` are written out here because TorchScript
+        compiles this method, and it cannot call a function from a table."""
         if not torch.jit.is_scripting():
             if self.out_act != "none" and self._act_as_module(y):
                 return self._run_act_module(y)
@@ -265,7 +204,7 @@ class SEBlock(nn.Module):
     @torch.jit.unused
     def _fused(self, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The fused op's result, or None where the plain path runs: ``se_inject.fused.use_fused``
-        decides (see :data:`KERNELS`). The fused package is imported on the first eager call
+        decides (see :data:`~se_inject.options.KERNELS`). The fused package is imported on the first eager call
         with a CUDA tensor, or before any call when the block is put on (or built on) CUDA."""
         if not isinstance(x, torch.Tensor):  # an fx Proxy: se_inject is tracing the block
             return None
@@ -293,8 +232,8 @@ class SEBlock(nn.Module):
             _load_fused()
 
     def set_kernels_(self, kernels: str) -> "SEBlock":
-        """Choose how the block runs: one of :data:`KERNELS`."""
-        _check_kernels(kernels)
+        """Choose how the block runs: one of :data:`~se_inject.options.KERNELS`."""
+        check_kernels(kernels)
         self._set_kernels(kernels)
         return self
 
@@ -418,7 +357,7 @@ class SEResidual(SEBlock):
     :class:`SEBlock`; se_inject uses it where SE sits right before the add.
 
     Args:
-        out_act: the activation after the add, one of :data:`OUT_ACTS`.
+        out_act: the activation after the add, one of :data:`~se_inject.layers.OUT_ACTS`.
         add_in_place: the add was written in place (``x += shortcut``), so the result keeps x's
             dtype (under autocast the shortcut may be wider).
         *args, **kwargs: those of :class:`SEBlock`.
@@ -458,21 +397,16 @@ class SEResidual(SEBlock):
 
 
 def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
-    """Choose how every SE block in ``model`` runs: one of :data:`KERNELS` ("auto", "plain",
+    """Choose how every SE block in ``model`` runs: one of :data:`~se_inject.options.KERNELS` ("auto", "plain",
     "fused"). Returns ``model``.
 
     >>> model = set_kernels(nn.Sequential(SEBlock(8)), "plain")
     >>> model[0].kernels
     'plain'
     """
-    _check_kernels(kernels)
+    check_kernels(kernels)
     for m in model.modules():
         if isinstance(m, SEBlock):
             m._set_kernels(kernels)
     return model
 
-
-def _check_kernels(kernels: str) -> None:
-    """The one check of a ``kernels`` name (``se_inject.fused.use_fused`` trusts it)."""
-    if kernels not in KERNELS:
-        raise OptionError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")

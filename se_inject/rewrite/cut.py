@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
+from ..layers import OUT_ACTS
 from ..trace.ops import is_inplace_add, residual_activation
 from ..sites.placement import Place, describe
 from ..trace.scopes import Scope
@@ -48,7 +49,7 @@ class StandIn(nn.Module):
         y = x.clone()
         if shortcut is not None:
             y = y.add_(shortcut) if self.add_in_place else y + shortcut
-        return torch.relu(y) if self.out_act == "relu" else nn.functional.silu(y) if self.out_act == "silu" else y
+        return OUT_ACTS[self.out_act].function(y)
 
 
 class Placement(NamedTuple):

@@ -1,8 +1,8 @@
 """Build and check the module of every site of the rewritten blocks, before the model changes.
 
 :func:`build_sites_modules` is the pipeline's step between verification and the swap: each site's
-module is built on its block's device and in its site's dtype (:func:`se_inject.modules.attentions.
-build_module`) and run once on a tensor of its site's shape (:func:`~se_inject.modules.attentions.
+module is built on its block's device and in its site's dtype (:func:`se_inject.modules.build.
+build_module`) and run once on a tensor of its site's shape (:func:`~se_inject.modules.build.
 check_module`), so that a module that cannot be built, does not run or changes its input's shape is
 an error while the model is still untouched. :func:`site_record` gives the plan's :class:`Site`
 what comes from that module.
@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
-from ..modules.attentions import attention_label, build_module, check_module, hidden_width, identity_check
+from ..modules.attentions import hidden_width
+from ..modules.build import build_module, check_module, identity_check
 from ..modules.se_block import SEResidual
-from ..options import SEOptions
+from ..options import SEOptions, attention_label
 from ..utils import describe_error, join_path
 from .cut import BlockRewrite, Candidate
 
@@ -56,7 +57,7 @@ def build_sites_modules(rewrites: list[BlockRewrite], options: SEOptions) -> Non
             except Exception as e:
                 raise OptionError(f"attn={label} cannot be built for {channels} channels at {site}: "
                                   f"{describe_error(e)}") from e
-            if not isinstance(module, SEResidual):  # SE that does the add: its layers were probed by SEOptions
+            if not isinstance(module, SEResidual):  # SE that does the add: its layers were checked by SEOptions
                 check_module(module, label, site, shape, dtype, identity, device)
             cand.module = module
 
@@ -65,7 +66,6 @@ def site_record(cand: Candidate, options: SEOptions) -> dict[str, Any]:
     """The fields of a plan's Site that come from the module built for a candidate."""
     channels, shape, _ = _site_tensor(cand)
     module = cand.module
-    hidden = options.hidden(channels) if options.attn == "se" else hidden_width(module, options.attn)
-    return {"channels": channels, "hidden": hidden, "shape": shape, "attn": attention_label(options.attn),
+    return {"channels": channels, "hidden": hidden_width(module, options.attn), "shape": shape, "attn": attention_label(options.attn),
             "position": options.position, "where": cand.where,
             "param_count": sum(p.numel() for p in module.parameters())}

@@ -51,10 +51,7 @@ from ..trace import ops
 from .graph_index import GraphIndex, shape_of, tensor_meta
 from .classify import ResidualAdd
 
-__all__ = ["POSITIONS", "Place", "locate", "describe"]
-
-#: The values of ``position``, the default first.
-POSITIONS = ("branch", "pre", "post", "identity", "mid")
+__all__ = ["Place", "locate", "describe"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ class Place:
     """Where the module of one residual add goes, in its scope's graph.
 
     Attributes:
-        position: one of :data:`POSITIONS`.
+        position: one of :data:`~se_inject.options.POSITIONS`.
         tail: the node the module reads (``post``: the add; the activation after it, if any, is
             found in the block's graph).
         consumer: the node that reads the module instead of ``tail`` (None for ``pre`` and

@@ -20,6 +20,7 @@ import torchvision.ops as tv_ops
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ..layers import OUT_ACTS
 from ..modules.attentions import INSERTED_MARK, InsertedAttention
 from ..modules.se_block import SEBlock
 
@@ -407,12 +408,10 @@ def is_regularizer(node: fx.Node, module: Optional[nn.Module]) -> bool:
     return node.op == "call_function" and target_name(node.target) in ("dropout", "stochastic_depth", "drop_path")
 
 
-_OUT_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.silu: "silu"}
-
-
 def residual_activation(add: fx.Node, module_of: Any) -> Optional[str]:
-    """The activation applied to ``add``'s result when that activation is the add's only reader:
-    ``"relu"`` or ``"silu"`` (nn.ReLU / nn.SiLU modules, their functions and methods), else None.
+    """The activation applied to ``add``'s result when that activation is the add's only reader and
+    one an SE block can take over: a name of :data:`se_inject.layers.OUT_ACTS` but ``"none"``
+    (``"relu"``, ``"silu"``: their modules by exact type, their functions and methods), else None.
 
     ``module_of(node)`` returns the module a ``call_module`` node calls.
     """
@@ -423,10 +422,9 @@ def residual_activation(add: fx.Node, module_of: Any) -> Optional[str]:
         return None
     if act.op == "call_module":
         m = module_of(act)
-        return "relu" if type(m) is nn.ReLU else "silu" if type(m) is nn.SiLU else None
+        return next((name for name, o in OUT_ACTS.items() if o.module is not None and type(m) is o.module), None)
     if act.op == "call_function":
-        return _OUT_ACT_FUNCTIONS.get(act.target)
-    if act.op == "call_method" and act.target in ("relu", "relu_"):
-        return "relu"
+        return next((name for name, o in OUT_ACTS.items() if any(act.target is f for f in o.functions)), None)
+    if act.op == "call_method":
+        return next((name for name, o in OUT_ACTS.items() if act.target in o.methods), None)
     return None
-
