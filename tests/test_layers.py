@@ -12,7 +12,8 @@ from se_inject.rewrite.cut import Candidate, build_blocks
 from se_inject.trace.record import outputs_match, recording
 from se_inject.sites.graph_index import GraphIndex
 from se_inject.rewrite.insert_pass import InsertionPoint, free_attribute_name, insert_modules
-from se_inject.trace.scopes import ShapeRecorder, discover_scopes, propagate_shapes, runnable_scopes
+from se_inject.trace.scopes import ShapeRecorder, propagate_shapes
+from se_inject.trace.search import discover_scopes, runnable_scopes
 from se_inject.sites.classify import ResidualAdd, classify_adds
 from se_inject.rewrite.rewritten import graph_module_like
 from se_inject.trace.tracer import SETracer, trace

@@ -14,8 +14,9 @@ from torch import fx, nn
 
 import se_inject
 from se_inject import GraphModuleRootWarning
-from se_inject.trace.scopes import runnable_scopes
-from se_inject.trace.specialize import record_calls, trace_as
+from se_inject.trace.record import record_calls
+from se_inject.trace.search import runnable_scopes
+from se_inject.trace.specialize import trace_as
 from se_inject.trace.train_mode import _reads_training
 from tests.helpers import ResBlock
 

@@ -24,13 +24,14 @@ import torch
 from torch import fx, nn
 
 from .cut import BlockRewrite, Candidate, build_blocks, skip_name
-from ..trace.record import Call, outputs_match, recording
+from ..trace.record import Recording, outputs_match, recording
 from ..errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
 from ..sites.graph_index import GraphIndex
 from ..options import SEOptions
 from ..sites.placement import locate
 from ..plan import Site, SitePlan, Skip
-from ..trace.scopes import Scope, runnable_scopes
+from ..trace.scopes import Scope
+from ..trace.search import runnable_scopes
 from .signature import mirror_signature
 from ..sites.classify import SkippedAdd, classify_adds
 from .rewritten import graph_module_like
@@ -115,7 +116,7 @@ def _add_sites(plan: SitePlan, verified: list[BlockRewrite], candidates: list[Ca
                                **site_record(cand, plan.options)))
 
 
-def _keep_signatures(rewrites: list[BlockRewrite], calls: dict[int, Call], plan: SitePlan) -> list[BlockRewrite]:
+def _keep_signatures(rewrites: list[BlockRewrite], calls: Recording, plan: SitePlan) -> list[BlockRewrite]:
     """Give each rewritten block its module's signature; pass frozen arguments on where an
     enclosing rewritten block calls it. Blocks that cannot keep their signature are skipped."""
     kept, frozen = [], {}
@@ -123,7 +124,7 @@ def _keep_signatures(rewrites: list[BlockRewrite], calls: dict[int, Call], plan:
         if rw.input_node is None:  # a scope root: its graph was traced with its own signature
             kept.append(rw)
             continue
-        mirrored = mirror_signature(rw.gm, rw.module, calls.get(id(rw.module)), rw.path)
+        mirrored = mirror_signature(rw.gm, rw.module, calls.get(rw.module), rw.path)
         if mirrored.problem is None:
             kept.append(rw)
             frozen[rw.path] = mirrored.frozen
@@ -160,12 +161,12 @@ def analyse(model: nn.Module, options: SEOptions, example_inputs: tuple[Any, ...
     candidates = _candidates(scopes, options, plan)
     rewrites = build_blocks(candidates, lambda cand, reason, detail: plan.skipped.append(
         Skip(cand.name, reason, detail)), fuse=options.fuses)
-    with recording((rw.module for rw in rewrites), outputs=False, clone=False) as calls, torch.no_grad():
+    with recording((rw.module for rw in rewrites), inputs="keep", outputs=False) as calls, torch.no_grad():
         output = model(*example_inputs)
     if scopes[0].path == "":  # the traced model must reproduce the model itself
         scopes[0].faithful = outputs_match(output, traced_output) is None
     rewrites = _keep_signatures(rewrites, calls, plan)
-    problems = verify_blocks(model, [rw for rw in rewrites if _needs_verifying(rw, calls.get(id(rw.module)))],
+    problems = verify_blocks(model, [rw for rw in rewrites if _needs_verifying(rw, calls.get(rw.module))],
                              example_inputs)
     verified = []
     for rw in rewrites:

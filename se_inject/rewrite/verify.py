@@ -34,7 +34,7 @@ def verify_blocks(model: nn.Module, rewrites: Sequence[BlockRewrite], example_in
     problems: dict[str, str] = {}
     with torch.no_grad():
         for rw in rewrites:
-            call = calls.get(id(rw.module))
+            call = calls.get(rw.module)
             if call is None:
                 continue
             try:

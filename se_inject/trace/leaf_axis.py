@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .record import watch
 
 __all__ = ["META_KEY", "proving_leaf_axes"]
 
@@ -72,7 +73,7 @@ def proving_leaf_axes(leaves: Iterable[nn.Module]) -> Iterator[dict[int, int]]:
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             records.append((module, first, output))
 
-    def enter(module: nn.Module, args: tuple) -> None:
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
         starts.append(len(records))
 
     def leave(module: nn.Module, args: tuple, output: Any) -> None:
@@ -83,15 +84,9 @@ def proving_leaf_axes(leaves: Iterable[nn.Module]) -> Iterator[dict[int, int]]:
             records.clear()
 
     inner = {id(m): m for leaf in leaves for m in leaf.modules() if id(m) not in leaf_ids}
-    handles = []
     try:
-        for leaf in leaves:
-            handles.append(leaf.register_forward_pre_hook(enter))
-            handles.append(leaf.register_forward_hook(leave))
-        handles.extend(m.register_forward_hook(record) for m in inner.values())
-        yield proven
+        with watch(leaves, enter, leave), watch(inner.values(), after=record):
+            yield proven
     finally:
-        for h in handles:
-            h.remove()
         records.clear()
     proven.update({key: next(iter(found)) for key, found in dims.items() if len(found) == 1 and None not in found})

@@ -9,7 +9,8 @@ scopes of their own, since they can hold residual adds.
 Shapes come from one forward on the example input: :class:`ShapeRecorder` runs the top scope,
 the inputs each nested scope receives are recorded (:func:`se_inject.trace.record.recording`), and
 the recorder runs those scopes on what they received. Where a traced graph does not run on what
-its module really receives, that module's children are traced instead (:func:`runnable_scopes`).
+its module really receives, that module's children are traced instead
+(:func:`se_inject.trace.search.runnable_scopes`).
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .record import outputs_match, recording
-from ..errors import ExampleInputError, TraceError
-from .leaf_axis import META_KEY, proving_leaf_axes
+from ..errors import ExampleInputError
 from ..plan import Untraceable
-from .search import Recorder, search
-from .specialize import ForwardFailed, RecordedCall, Recording, trace_as
 from ..utils import describe_error, first_line
+from .leaf_axis import META_KEY, proving_leaf_axes
+from .record import Call, Recording, outputs_match, recording
+from .specialize import trace_as
 
-__all__ = ["Scope", "ShapeRecorder", "discover_scopes", "propagate_shapes", "runnable_scopes"]
+__all__ = ["Scope", "ShapeRecorder", "propagate_shapes", "TracedRootFails", "example_input_error"]
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Scope:
     calls: int = 0
     faithful: bool = True
     leaves: tuple[nn.Module, ...] = ()
-    call: Optional[RecordedCall] = None
+    call: Optional[Call] = None
     recording: Optional[Recording] = None
 
     @property
@@ -88,27 +88,8 @@ class Scope:
         return None
 
 
-class _NotTraced(Exception):
-    """The module is known not to run as a traced graph."""
-
-
-class _TracedRootFails(Exception):
+class TracedRootFails(Exception):
     """The model's traced graph fails on the example input although the model itself runs."""
-
-
-def discover_scopes(model: nn.Module, *, skip: Optional[dict[str, str]] = None,
-                    recorder: Optional[Recorder] = None) -> tuple[list[Scope], list[Untraceable]]:
-    """Trace ``model`` into scopes, parents before children; report what fx cannot follow.
-
-    Args:
-        skip: module paths not to trace as a whole (their children are tried), with the reason
-            to report; used for modules whose traced graph turned out not to run.
-        recorder: the real forward that gives non-tensor options (see :mod:`se_inject.trace.search`).
-    """
-    result = search(model, skip=skip, recorder=recorder)
-    recording = recorder.recording if recorder is not None else None
-    scopes = [Scope(f.path, f.module, f.gm, leaves=f.leaves, call=f.call, recording=recording) for f in result.found]
-    return scopes, result.untraceable
 
 
 class ShapeRecorder(fx.Interpreter):
@@ -156,7 +137,7 @@ def _run_scope(scope: Scope) -> Any:
     return ShapeRecorder(scope.gm).run(*scope.graph_inputs(scope.args or (), scope.kwargs))
 
 
-def _example_input_error(model: nn.Module, inputs: tuple[Any, ...], error: Exception,
+def example_input_error(model: nn.Module, inputs: tuple[Any, ...], error: Exception,
                          where: Union[fx.Node, str, None]) -> ExampleInputError:
     shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
     cause = error
@@ -186,9 +167,9 @@ def _run_top(model: nn.Module, top: Optional[Scope], inputs: tuple[Any, ...]) ->
             except Exception:
                 pass
             else:  # fx traced something the model does not do: trace its children instead
-                raise _TracedRootFails(f"the traced graph fails at {_node_path(recorder.current)}: "
+                raise TracedRootFails(f"the traced graph fails at {_node_path(recorder.current)}: "
                                        f"{describe_error(e)}") from e
-        raise _example_input_error(model, inputs, e, recorder.current if recorder else None) from e
+        raise example_input_error(model, inputs, e, recorder.current if recorder else None) from e
 
 
 def propagate_shapes(model: nn.Module, scopes: list[Scope], example_inputs: tuple[Any, ...]
@@ -219,12 +200,12 @@ def propagate_shapes(model: nn.Module, scopes: list[Scope], example_inputs: tupl
     return result, failed
 
 
-def _run_nested(nested: list[Scope], calls: dict) -> list[Untraceable]:
+def _run_nested(nested: list[Scope], calls: Recording) -> list[Untraceable]:
     """Run each nested scope's graph on what its module received; the scopes whose graph fails."""
     failed: list[Untraceable] = []
     with torch.no_grad():
         for scope in nested:
-            call = calls.get(id(scope.module))
+            call = calls.get(scope.module)
             if call is None:
                 continue
             scope.args, scope.kwargs, scope.calls = call.args, call.kwargs, call.count
@@ -245,40 +226,3 @@ def _mark_leaf_dims(scopes: list[Scope], leaf_dims: dict[int, int]) -> None:
         for node in scope.gm.graph.nodes:
             if node.op == "call_module" and id(scope.gm.get_submodule(node.target)) in leaf_dims:
                 node.meta[META_KEY] = leaf_dims[id(scope.gm.get_submodule(node.target))]
-
-
-def runnable_scopes(model: nn.Module, example_inputs: tuple[Any, ...]
-                    ) -> tuple[list[Scope], list[Untraceable], Any]:
-    """Trace ``model`` into scopes that all run on what their modules receive, with shapes.
-
-    Where a traced graph does not run, that module's children are traced instead, and again,
-    until every scope runs. Returns the scopes, what could not be traced whole, and the output of
-    the top scope's graph (or of the model, when its root is not traced); whether that graph
-    reproduces the model is checked by :func:`se_inject.rewrite.pipeline.analyse`, in the forward it runs
-    anyway.
-
-    Raises:
-        TraceError: no module that could hold a residual add can be traced.
-        ExampleInputError: the model does not run on ``example_inputs``.
-    """
-    skip: dict[str, str] = {}
-    recorder = Recorder(model, example_inputs)
-    while True:
-        try:
-            scopes, untraceable = discover_scopes(model, skip=skip, recorder=recorder)
-        except ForwardFailed as e:
-            raise _example_input_error(model, example_inputs, e.error, e.path) from e.error
-        if not scopes:
-            first = untraceable[0].error if untraceable else "no module"
-            raise TraceError(
-                f"torch.fx could not trace {type(model).__name__} (path '<root>') or any submodule that "
-                f"could hold a residual add: {first}. Make the forward free of data-dependent control "
-                f"flow, or apply se_inject to a traceable submodule.")
-        try:
-            traced_output, failed = propagate_shapes(model, scopes, example_inputs)
-        except _TracedRootFails as e:
-            skip[""] = str(e)
-            continue
-        if not failed:
-            return scopes, untraceable, traced_output
-        skip.update({f.path: f.error for f in failed})

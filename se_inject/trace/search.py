@@ -31,29 +31,21 @@ from typing import Any, Optional
 from torch import fx, nn
 
 from .ops import is_primitive_leaf
+from ..errors import TraceError
 from ..plan import Untraceable
-from .specialize import RecordedCall, Recording, record_calls, takes_options, trace_as
 from ..utils import describe_error, join_path
+from .record import Call, ForwardFailed, Recording, record_calls
+from .scopes import Scope, TracedRootFails, example_input_error, propagate_shapes
+from .specialize import takes_options, trace_as
 
-__all__ = ["Found", "Recorder", "SearchResult", "search", "is_container"]
-
-
-@dataclass
-class Found:
-    """A module traced as a scope: its graph, the leaves inside it, the options baked in (or None)."""
-
-    path: str
-    module: nn.Module
-    gm: fx.GraphModule
-    leaves: tuple[nn.Module, ...] = ()
-    call: Optional[RecordedCall] = None
+__all__ = ["Recorder", "SearchResult", "search", "discover_scopes", "runnable_scopes", "is_container"]
 
 
 @dataclass
 class SearchResult:
     """Scopes (parents before children), what fx cannot follow, and the leaves made for it."""
 
-    found: list[Found]
+    scopes: list[Scope]
     untraceable: list[Untraceable]
     leaves: dict[str, nn.Module] = field(default_factory=dict)
 
@@ -69,7 +61,7 @@ class Recorder:
         """The recording (running the forward the first time); None without example inputs.
 
         Raises:
-            se_inject.trace.specialize.ForwardFailed: the model fails on the inputs.
+            se_inject.trace.record.ForwardFailed: the model fails on the inputs.
         """
         if self.recording is None and self.inputs is not None:
             self.recording = record_calls(self.model, self.inputs)
@@ -103,11 +95,11 @@ class _Search:
         self.skip, self.recorder = skip, recorder
         self.leaves: dict[int, tuple[str, nn.Module]] = {}
         self.untraceable: list[Untraceable] = []
-        self.traced: dict[int, tuple[fx.GraphModule, Optional[RecordedCall], tuple[nn.Module, ...]]] = {}
+        self.traced: dict[int, tuple[fx.GraphModule, Optional[Call], tuple[nn.Module, ...]]] = {}
         self.kept: dict[int, nn.Module] = {}  # traced alone, kept whole in their parent's graph
         self.settled: set[int] = set()
         self.collected: set[int] = set()
-        self.found: list[Found] = []
+        self.found: list[Scope] = []
 
     def ran(self, module: nn.Module) -> bool:
         """False only for a module known not to run in the example forward (it holds no site)."""
@@ -121,7 +113,7 @@ class _Search:
         inside = {id(m) for m in module.modules()} - {id(module)}
         return [m for m in self.all_leaves() if id(m) in inside]
 
-    def options_call(self, module: nn.Module) -> Optional[RecordedCall]:
+    def options_call(self, module: nn.Module) -> Optional[Call]:
         """The module's recorded call, when its forward takes options and the call can be re-made."""
         if self.recorder is None or not takes_options(module):
             return None
@@ -202,7 +194,7 @@ class _Search:
                 self.collect(child, join_path(path, name))
             return
         gm, call, leaves = self.traced[id(module)]  # leaves never grow inside a module once it traced
-        self.found.append(Found(path, module, gm, leaves, call))
+        self.found.append(Scope(path, module, gm, leaves=leaves, call=call))
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 self.collect(module.get_submodule(node.target), join_path(path, node.target))
@@ -220,4 +212,59 @@ def search(model: nn.Module, *, skip: Optional[dict[str, str]] = None,
     s = _Search(skip or {}, recorder)
     s.settle(model, "")
     s.collect(model, "")
+    recording = recorder.recording if recorder is not None else None
+    for scope in s.found:
+        scope.recording = recording
     return SearchResult(s.found, s.untraceable, {p: m for p, m in s.leaves.values()})
+
+
+def discover_scopes(model: nn.Module, *, skip: Optional[dict[str, str]] = None,
+                    recorder: Optional[Recorder] = None) -> tuple[list[Scope], list[Untraceable]]:
+    """Trace ``model`` into scopes, parents before children; report what fx cannot follow.
+
+    Args:
+        skip: module paths not to trace as a whole (their children are tried), with the reason
+            to report; used for modules whose traced graph turned out not to run.
+        recorder: the real forward that gives non-tensor options (see :mod:`se_inject.trace.search`).
+    """
+    result = search(model, skip=skip, recorder=recorder)
+    return result.scopes, result.untraceable
+
+
+
+
+def runnable_scopes(model: nn.Module, example_inputs: tuple[Any, ...]
+                    ) -> tuple[list[Scope], list[Untraceable], Any]:
+    """Trace ``model`` into scopes that all run on what their modules receive, with shapes.
+
+    Where a traced graph does not run, that module's children are traced instead, and again,
+    until every scope runs. Returns the scopes, what could not be traced whole, and the output of
+    the top scope's graph (or of the model, when its root is not traced); whether that graph
+    reproduces the model is checked by :func:`se_inject.rewrite.pipeline.analyse`, in the forward it runs
+    anyway.
+
+    Raises:
+        TraceError: no module that could hold a residual add can be traced.
+        ExampleInputError: the model does not run on ``example_inputs``.
+    """
+    skip: dict[str, str] = {}
+    recorder = Recorder(model, example_inputs)
+    while True:
+        try:
+            scopes, untraceable = discover_scopes(model, skip=skip, recorder=recorder)
+        except ForwardFailed as e:
+            raise example_input_error(model, example_inputs, e.error, e.path) from e.error
+        if not scopes:
+            first = untraceable[0].error if untraceable else "no module"
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__} (path '<root>') or any submodule that "
+                f"could hold a residual add: {first}. Make the forward free of data-dependent control "
+                f"flow, or apply se_inject to a traceable submodule.")
+        try:
+            traced_output, failed = propagate_shapes(model, scopes, example_inputs)
+        except TracedRootFails as e:
+            skip[""] = str(e)
+            continue
+        if not failed:
+            return scopes, untraceable, traced_output
+        skip.update({f.path: f.error for f in failed})
