@@ -14,7 +14,7 @@ variant of every compiled cell ran its own freshly compiled graph in every timed
 Sections, in priority order. A section starts only if its estimate (scaled by how long the
 model sections so far took against theirs) fits in what is left of ``--budget-s`` (430 s), so
 what a short budget drops first is the end of this list; a section that does not fit is recorded
-as skipped, with the reason. Estimates are for an H100 from ``/work/shared/gpu-notes.md``:
+as skipped, with the reason. Estimates are for an H100 from ``docs/gpu.md``:
 resnet50 bf16 compile warm-ups of 13-15 s (inference) and 36-49 s (training) per variant;
 eager batch 256 at 20-25 ms (inference) and 64-92 ms (training step) per iteration.
 

@@ -189,7 +189,7 @@ def _record_launches() -> dict:
 
 
 def _interpret_launchers() -> dict:
-    """The reductions with forced splits, and the standalone scale op with a learnable gate."""
+    """The reductions with forced splits, and the scale with a learnable gate through the launchers."""
     torch.manual_seed(2)
     found = {}
     for name, x in {"nhwc": _layout(torch.randn(1, 70, 9, 11), "channels_last"),
@@ -199,11 +199,10 @@ def _interpret_launchers() -> dict:
     dout = torch.randn(2, 70, 40)
     found["gate_grad"] = {"args": (dout, x, sc, None, g, "silu"),
                           "got": backward.gate_grad_launch(dout, x, sc, None, g, "silu", splits=3)}
-    leaves = [t.clone().requires_grad_() for t in (x, g, sc)]
-    out = scale.scale_residual_act(leaves[0], leaves[1], leaves[2], "relu")
-    out.backward(dout)
-    found["scale_op"] = {"args": (x, g, sc, dout), "out": out.detach(),
-                         "grads": [t.grad for t in leaves]}
+    out = scale.scale_launch(x, g, sc, "relu")  # and its gradients by the backward's launchers
+    dg, dz = backward.gate_grad_launch(dout, x, sc, out, g, "relu")
+    found["scale_op"] = {"args": (x, g, sc, dout), "out": out,
+                         "grads": [backward.input_grad_launch(dz, x, g, None), dg, dz]}
     return found
 
 
@@ -322,16 +321,6 @@ def test_gradcheck_float64(act, gate, out_act, with_sc, path):
     assert torch.autograd.gradcheck(fn, leaves)
     want = fused.se_residual_reference(**inputs, act=act, gate=gate, out_act=out_act)
     torch.testing.assert_close(fn(*leaves), want, rtol=1e-12, atol=1e-12)
-
-
-def test_gradcheck_float64_squeeze_and_scale_ops():
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    g = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
-    sc = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(squeeze.squeeze_mean, (x,))
-    for out_act in ("none", "relu", "silu"):
-        assert torch.autograd.gradcheck(
-            lambda a, b, c: scale.scale_residual_act(a, b, c, out_act), (x, g, sc))
 
 
 def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op(monkeypatch):

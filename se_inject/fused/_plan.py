@@ -166,7 +166,7 @@ def pick_tile(C: int, S: int, stride_c: int, stride_s: int, elems: int) -> Tile:
     """Tiles of about ``elems`` elements with the contiguous axis inside, for the 2-D kernels.
 
     channels_last: 64 channels x (elems / 64) positions (the 32 x 64 squeeze tile measured on an
-    H100 in gpu-notes.md ran at torch's speed). NCHW: up to 1024 positions x the channels that
+    H100, docs/gpu.md, ran at torch's speed). NCHW: up to 1024 positions x the channels that
     fill the rest. Small dims shrink the tile to their next power of 2.
     """
     C, S = _hint(C), _hint(S)

@@ -21,13 +21,13 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    at, check_out_act, launch, per_channel, pointwise_ids, reduction_rows, register_op, split_ids,
-    tensors_supported, tl, triton,
+    at, check_out_act, launch, per_channel, pointwise_ids, reduction_rows, split_ids, tensors_supported, tl,
+    triton,
 )
 from ._plan import as_fp32, empty_ncs, ncs, pointwise_plan, reduction_grid
 
-__all__ = ["gate_grad", "compute_gate_grad", "gate_grad_launch", "gate_grad_reference", "input_grad",
-           "compute_input_grad", "input_grad_launch", "input_grad_reference"]
+__all__ = ["compute_gate_grad", "gate_grad_launch", "gate_grad_reference", "compute_input_grad",
+           "input_grad_launch", "input_grad_reference"]
 
 
 @triton.jit
@@ -137,8 +137,8 @@ def compute_gate_grad(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], o
     """K1: ``(dg, dz)`` with dg = sum over positions of dz * x, fp32 (N, C); dz = dL/dz, like
     x in grad_out's dtype, or empty when ``out_act`` is ``"none"`` (dz is then grad_out).
     ``out`` is needed for relu, ``shortcut`` (if any) for silu. Triton where the tensors allow,
-    :func:`gate_grad_reference` elsewhere; the body of the op :data:`gate_grad`, which the
-    backward formulas call directly (under tracing its kernels are recorded all the same)."""
+    :func:`gate_grad_reference` elsewhere; the fused op's backward calls it (under tracing its
+    kernels are recorded all the same)."""
     if tensors_supported(x, shortcut) and tensors_supported(grad_out, out):
         return gate_grad_launch(grad_out, x, shortcut, out, g, out_act)
     return gate_grad_reference(grad_out, x, shortcut, out, g, out_act)
@@ -146,17 +146,11 @@ def compute_gate_grad(grad_out: Tensor, x: Tensor, shortcut: Optional[Tensor], o
 
 def compute_input_grad(dz: Tensor, x: Tensor, g: Tensor, ds: Optional[Tensor]) -> Tensor:
     """K2: ``dx = dz * g[n, c] + ds[n, c] / S`` in x's dtype and layout (x's values are not
-    read); the body of the op :data:`input_grad`."""
+    read)."""
     if tensors_supported(x, dz):
         return input_grad_launch(dz, x, g, ds)
     return input_grad_reference(dz, x, g, ds)
 
-
-#: ``se_inject::scale_residual_act_grad_gate``, :func:`compute_gate_grad` as an op. No double
-#: backward.
-gate_grad = register_op("se_inject::scale_residual_act_grad_gate")(compute_gate_grad)
-#: ``se_inject::scale_residual_act_grad_input``, :func:`compute_input_grad` as an op.
-input_grad = register_op("se_inject::scale_residual_act_grad_input")(compute_input_grad)
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:

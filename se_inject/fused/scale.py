@@ -16,14 +16,10 @@ import torch
 from torch import Tensor
 
 from ..layers import OUT_ACTS
-from ._common import (
-    at, check_out_act, launch, per_channel, pointwise_ids, register_op, tensors_supported, tl, triton,
-)
+from ._common import at, check_out_act, launch, per_channel, pointwise_ids, tl, triton
 from ._plan import as_fp32, empty_ncs, ncs, pointwise_plan
-from .backward import compute_gate_grad, compute_input_grad
 
-__all__ = ["scale", "scale_launch", "scale_residual_act", "scale_residual_act_reference",
-           "out_dtype"]
+__all__ = ["scale", "scale_launch", "scale_residual_act_reference", "out_dtype"]
 
 
 @triton.jit
@@ -78,33 +74,6 @@ def scale(x: Tensor, g: Tensor, shortcut: Optional[Tensor], out_act: str, use_tr
     if use_triton:
         return scale_launch(x, g, shortcut, out_act, in_place)
     return scale_residual_act_reference(x, g, shortcut, out_act, in_place)
-
-
-@register_op("se_inject::scale_residual_act")
-def scale_residual_act(x: Tensor, g: Tensor, shortcut: Optional[Tensor], out_act: str) -> Tensor:
-    """``out_act(x * g[:, :, None...] + shortcut)`` for a gate ``g`` of shape (N, C): Triton on
-    CUDA, :func:`scale_residual_act_reference` elsewhere."""
-    return scale(x, g, shortcut, out_act, tensors_supported(x, shortcut))
-
-
-def _scale_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    x, g, shortcut, out_act = inputs
-    ctx.out_act, ctx.g_dtype = out_act, g.dtype
-    ctx.sc_dtype = shortcut.dtype if shortcut is not None else None
-    ctx.save_for_backward(x, g, shortcut if out_act == "silu" else None,
-                          output if out_act == "relu" else None)
-
-
-def _scale_backward(ctx, grad: Tensor) -> tuple:
-    x, g, shortcut, out = ctx.saved_tensors
-    dg, dz = compute_gate_grad(grad, x, shortcut, out, g, ctx.out_act)
-    dz = grad if ctx.out_act == "none" else dz
-    dx = compute_input_grad(dz, x, g, None) if ctx.needs_input_grad[0] else None
-    dsc = dz.to(ctx.sc_dtype) if ctx.needs_input_grad[2] else None
-    return dx, dg.to(ctx.g_dtype), dsc, None
-
-
-scale_residual_act.register_autograd(_scale_backward, setup_context=_scale_setup)
 
 
 def scale_residual_act_reference(x: Tensor, g: Tensor, shortcut: Optional[Tensor],

@@ -9,16 +9,15 @@ latency), the positions are split across programs and a torch ``sum`` adds the p
 deterministic, unlike atomics.
 """
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._common import at, launch, reduction_rows, register_op, split_ids, tensors_supported, tl, triton
+from ._common import at, launch, reduction_rows, split_ids, tl, triton
 from ._plan import ncs, reduction_grid
 
-__all__ = ["squeeze", "squeeze_launch", "squeeze_mean", "squeeze_mean_reference"]
+__all__ = ["squeeze", "squeeze_launch", "squeeze_mean_reference"]
 
 
 @triton.jit
@@ -63,27 +62,6 @@ def squeeze_launch(x: Tensor, *, mean: bool = True, splits: Optional[int] = None
 def squeeze(x: Tensor, use_triton: bool) -> Tensor:
     """The squeeze by the Triton kernel or by :func:`squeeze_mean_reference`."""
     return squeeze_launch(x) if use_triton else squeeze_mean_reference(x)
-
-
-@register_op("se_inject::squeeze_mean")
-def squeeze_mean(x: Tensor) -> Tensor:
-    """Mean of ``x`` (N, C, *spatial) over the spatial dims, as an fp32 (float64 for float64
-    input) (N, C) tensor: Triton on CUDA, :func:`squeeze_mean_reference` elsewhere."""
-    return squeeze(x, tensors_supported(x, None))
-
-
-def _squeeze_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    (x,) = inputs
-    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-
-
-def _squeeze_backward(ctx, grad: Tensor) -> Tensor:
-    spatial = ctx.x_shape[2:]
-    dx = (grad / math.prod(spatial)).to(ctx.x_dtype)
-    return dx.view(dx.shape + (1,) * len(spatial)).expand(ctx.x_shape)
-
-
-squeeze_mean.register_autograd(_squeeze_backward, setup_context=_squeeze_setup)
 
 
 def squeeze_mean_reference(x: Tensor) -> Tensor:
