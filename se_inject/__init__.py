@@ -6,7 +6,27 @@
 ``apply`` / ``inject`` / ``find_sites`` rewrite or analyse a model; ``build_report`` measures what
 SE cost; ``bench`` times it against the original and timm's hand-written twin; ``save`` / ``load``
 store a converted model as safetensors plus a JSON recipe.
+
+The package's top level is its architecture. The core modules: ``api.py`` (the three entry points
+and the checks before any work), ``options.py`` (:class:`SEOptions`, plain data), ``plan.py`` (what
+a dry run finds), ``layers.py`` (the activation and gate vocabulary and its behaviour check),
+``errors.py``, ``utils.py``. The rooms, each importing only the rooms before it
+(``tests/test_architecture.py`` holds the order)::
+
+    fused/    the Triton kernels and the torch.library op
+    modules/  what se_inject inserts: the SE block, the other attentions, the builder
+    trace/    torch.fx: the tracer, the forward recorder, the scope search, shapes
+    sites/    where SE can go: the residual-add classifier, placement
+    rewrite/  cutting blocks out, verifying them, the pipeline and the swap
+    io/       save / load, sources, checkpoints
+    cost/     what SE costs: the report and the benchmark
+    cli/      the se-inject command
+
+``se_inject.ops`` and ``se_inject.sources`` are the modules ``se_inject.trace.ops`` and
+``se_inject.io.sources`` under the names they had before the rooms (``import se_inject.ops`` works).
 """
+
+import sys as _sys
 
 from .api import apply, default_example_inputs, find_sites, inject
 from .cost.bench import BenchResult, bench
@@ -34,6 +54,13 @@ from .io.recipe import load, save
 from .cost.report import Report, build_report
 from .modules.se_block import SEBlock, SEResidual, se_hidden_channels, set_kernels
 from .utils import version as _version
+from .io import sources
+from .trace import ops
+
+# The names these two modules had before the rooms, which the README documents
+# (se_inject.ops.InsertedAttention, se_inject.sources.Source): the same module objects.
+_sys.modules[__name__ + ".ops"] = ops
+_sys.modules[__name__ + ".sources"] = sources
 
 __version__ = _version()
 
