@@ -30,7 +30,7 @@ import sys as _sys
 
 from .api import apply, default_example_inputs, find_sites, inject
 from .cost.bench import BenchResult, bench
-from .io.checkpoint import load_checkpoint, read_state_dict
+from .cost.report import Report, build_report
 from .errors import (
     BenchError,
     CheckpointError,
@@ -48,14 +48,14 @@ from .errors import (
     UnknownModelError,
     VerificationError,
 )
+from .io import sources
+from .io.checkpoint import load_checkpoint, read_state_dict
+from .io.recipe import load, save
+from .modules.se_block import SEBlock, SEResidual, se_hidden_channels, set_kernels
 from .options import KERNELS, SEOptions
 from .plan import SKIP_REASONS, Injection, Site, SitePlan, Skip, Untraceable
-from .io.recipe import load, save
-from .cost.report import Report, build_report
-from .modules.se_block import SEBlock, SEResidual, se_hidden_channels, set_kernels
-from .utils import version as _version
-from .io import sources
 from .trace import ops
+from .utils import version as _version
 
 # The names these two modules had before the rooms, which the README documents
 # (se_inject.ops.InsertedAttention, se_inject.sources.Source): the same module objects.

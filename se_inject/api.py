@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .trace import hf
-from .rewrite.cut import BlockRewrite
 from .errors import ExampleInputError, NoResidualAddsWarning, NotAModuleError, OptionError
 from .modules.build import check_options
 from .options import SEOptions, takes_options
-from .rewrite.pipeline import analyse, install
 from .plan import Injection, SitePlan
+from .rewrite.cut import BlockRewrite
+from .rewrite.pipeline import analyse, install
+from .trace import hf
 from .trace.tracer import TRACE_LOCK, global_hooks_suspended, restore_hooks, stash_hooks
 from .utils import eval_mode, gc_paused, rng_kept, torch_defaults, warn
 

@@ -31,17 +31,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..api import default_example_inputs, inject
-from . import bench as command
-from .flags import add_options, options_from
-from ..io.checkpoint import load_checkpoint
+from ..cost.report import Report, build_report
 from ..errors import (CheckpointError, NoResidualAddsError, NoResidualAddsWarning, SEInjectError, SEInjectWarning,
                      UnknownModelError)
-from ..plan import Injection
+from ..io.checkpoint import load_checkpoint
 from ..io.recipe import save
-from .render import render_plan, render_report, render_summary
-from ..cost.report import Report, build_report
 from ..io.sources import Source, from_hf_directory, hf_source, is_hf_directory, resolve_models, timm_source
+from ..plan import Injection
 from ..utils import first_line, version
+from . import bench as command
+from .flags import add_options, options_from
+from .render import render_plan, render_report, render_summary
 
 __all__ = ["main", "build_parser"]
 

@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..errors import OptionError, SEInjectError, UnknownModelError
-from ..utils import first_line
 from ..cost.results import MODES
 from ..cost.settings import DEFAULT_VARIANTS, DTYPES, VARIANTS
+from ..errors import OptionError, SEInjectError, UnknownModelError
+from ..utils import first_line
 
 __all__ = ["add_parser", "run"]
 

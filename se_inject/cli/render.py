@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..plan import SKIP_REASONS, SitePlan, Skip, Untraceable
 from ..cost.report import FLOPS_NOTE, Report
+from ..plan import SKIP_REASONS, SitePlan, Skip, Untraceable
 
 if TYPE_CHECKING:
     from ..cost.bench import BenchResult, Cell, ModelBench, Spread

@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import nn
 
-from ..errors import OptionError
 from ..api import checked_options
+from ..errors import OptionError
 from ..options import takes_options
 from .results import MODES, BenchResult, Cell, ModelBench, Spread, Timing, VariantInfo
 from .settings import DEFAULT_VARIANTS, DTYPES, SE_VARIANTS, VARIANTS, BenchSettings, default_device

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..plan import Injection, Site, Skip, Untraceable
 from ..modules.se_block import SEBlock
 from ..options import attention_label
+from ..plan import Injection, Site, Skip, Untraceable
 from ..utils import eval_mode
 
 __all__ = ["SiteCost", "Report", "build_report", "count_flops", "FLOPS_NOTE"]

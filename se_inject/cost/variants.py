@@ -24,12 +24,12 @@ from torch import nn
 
 from ..api import default_example_inputs, inject
 from ..errors import NoResidualAddsError, NoResidualAddsWarning
-from ..options import SEOptions
-from .report import build_report, count_flops
+from ..io.sources import from_hf_directory, is_hf_directory, timm_source
 from ..layers import ACT_LAYERS, GATE_LAYERS, resolve_layer
 from ..modules.se_block import set_kernels
-from ..io.sources import from_hf_directory, is_hf_directory, timm_source
+from ..options import SEOptions
 from ..utils import eval_mode
+from .report import build_report, count_flops
 from .results import ModelBench, VariantInfo
 from .settings import SE_VARIANTS
 

@@ -46,7 +46,7 @@ def squeeze_launch(x: Tensor, *, mean: bool = True, splits: Optional[int] = None
     """fp32 (N, C) means (sums if not ``mean``) of ``x`` over its spatial dims, by Triton.
 
     ``splits`` forces the number of programs per (n, channel block) (tests); by default
-    :func:`~se_inject.fused._common.num_splits` picks it from the device's size.
+    :func:`~se_inject.fused._plan.num_splits` picks it from the device's size.
     """
     v = ncs(x)
     grid = reduction_grid(x, (v,), splits)

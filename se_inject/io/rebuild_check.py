@@ -18,8 +18,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..trace.record import outputs_match
 from ..errors import RecipeError
+from ..trace.record import outputs_match
 from ..trace.tracer import restore_hooks, stash_hooks
 from ..utils import describe_error, eval_mode
 

@@ -47,13 +47,13 @@ import torchvision
 from torch import nn
 
 from ..api import checked_options, default_example_inputs, inject
-from .atomic_dir import write_directory
 from ..errors import OptionError, RecipeError, UnknownModelError
 from ..options import SEOptions
 from ..plan import Injection
+from ..utils import describe_mismatch, first_line, version
+from .atomic_dir import write_directory
 from .rebuild_check import check_one_dtype, floating_dtype, likely_cause, output_difference
 from .sources import Source, source_for
-from ..utils import describe_mismatch, first_line, version
 
 __all__ = ["save", "load", "read_recipe", "RECIPE_FILE", "WEIGHTS_FILE", "FORMAT", "FORMAT_VERSION",
            "MAX_INPUT_ELEMENTS", "MAX_PARAMETERS"]

@@ -24,15 +24,15 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import fx, nn
 
-from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
 from ..layers import OUT_ACTS
-from ..trace.ops import is_inplace_add, residual_activation
-from ..sites.placement import Place, describe
-from ..trace.scopes import Scope
 from ..sites.classify import ResidualAdd
-from .rewritten import graph_module_like
+from ..sites.placement import Place, describe
+from ..trace.ops import is_inplace_add, residual_activation
+from ..trace.scopes import Scope
 from ..trace.train_mode import TrainModeCheck
 from ..utils import join_path, relative_path
+from .insert_pass import InsertionPoint, free_attribute_name, insert_modules
+from .rewritten import graph_module_like
 
 __all__ = ["Candidate", "Placement", "BlockRewrite", "skip_name", "build_blocks"]
 

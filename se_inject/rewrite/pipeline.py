@@ -23,20 +23,20 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .cut import BlockRewrite, Candidate, build_blocks, skip_name
-from ..trace.record import Recording, outputs_match, recording
 from ..errors import GraphModuleRootWarning, OptionError, RefusedModuleWarning, VerificationError
-from ..sites.graph_index import GraphIndex
 from ..options import SEOptions
-from ..sites.placement import locate
 from ..plan import Site, SitePlan, Skip
+from ..sites.classify import SkippedAdd, classify_adds
+from ..sites.graph_index import GraphIndex
+from ..sites.placement import locate
+from ..trace.record import Recording, outputs_match, recording
 from ..trace.scopes import Scope
 from ..trace.search import runnable_scopes
-from .signature import mirror_signature
-from ..sites.classify import SkippedAdd, classify_adds
-from .rewritten import graph_module_like
-from .site_modules import build_sites_modules, site_record
 from ..utils import join_path, warn
+from .cut import BlockRewrite, Candidate, build_blocks, skip_name
+from .rewritten import graph_module_like
+from .signature import mirror_signature
+from .site_modules import build_sites_modules, site_record
 from .verify import verify_blocks
 
 __all__ = ["analyse", "install"]

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .cut import BlockRewrite
 from ..trace.record import outputs_match, recording
 from ..utils import describe_error
+from .cut import BlockRewrite
 
 __all__ = ["verify_blocks"]
 

@@ -16,8 +16,8 @@ import torch
 from torch import fx
 
 from ..trace import ops
-from .graph_index import GraphIndex, shape_of
 from ..trace.leaf_axis import META_KEY as LEAF_DIM
+from .graph_index import GraphIndex, shape_of
 
 __all__ = ["Axis", "ChannelAxes", "read_by_channels_last_norm"]
 

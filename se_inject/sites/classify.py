@@ -25,8 +25,8 @@ import torch
 from torch import fx
 
 from ..trace import ops
-from .existing import find_attention
 from .channel_axis import ChannelAxes, read_by_channels_last_norm
+from .existing import find_attention
 from .graph_index import GraphIndex, shape_of, tensor_meta
 from .shortcut import SHORTCUT_PROBLEMS, shortcut_problem, trailing_regularizers
 

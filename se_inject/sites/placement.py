@@ -46,10 +46,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch import fx
 
-from . import aliasing
 from ..trace import ops
-from .graph_index import GraphIndex, shape_of, tensor_meta
+from . import aliasing
 from .classify import ResidualAdd
+from .graph_index import GraphIndex, shape_of, tensor_meta
 
 __all__ = ["Place", "locate", "describe"]
 

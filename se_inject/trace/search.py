@@ -30,10 +30,10 @@ from typing import Any, Optional
 
 from torch import fx, nn
 
-from .ops import is_primitive_leaf
 from ..errors import TraceError
 from ..plan import Untraceable
 from ..utils import describe_error, join_path
+from .ops import is_primitive_leaf
 from .record import Call, ForwardFailed, Recording, record_calls
 from .scopes import Scope, TracedRootFails, example_input_error, propagate_shapes
 from .specialize import takes_options, trace_as

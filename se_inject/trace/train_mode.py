@@ -24,10 +24,10 @@ from typing import Any, Optional
 
 from torch import fx, nn
 
-from .search import is_container
-from .scopes import Scope
-from .tracer import SETracer
 from ..utils import kept_training_flags
+from .scopes import Scope
+from .search import is_container
+from .tracer import SETracer
 
 __all__ = ["TrainModeCheck"]
 
