@@ -28,7 +28,7 @@ def _from_cli_divisor(value: int) -> Optional[int]:
 #: ``note`` (appended to the help).
 FLAGS: dict[str, dict[str, Any]] = {
     "reduction": dict(metavar="R", type=int),
-    "rd_divisor": dict(metavar="N", type=int, convert=_from_cli_divisor, note="0 for the paper's max(1, C // r)"),
+    "rd_divisor": dict(metavar="N", type=int, convert=_from_cli_divisor, note="on the command line 0 stands for None"),
     "act_layer": dict(metavar="NAME", choices=sorted(ACT_LAYERS)),
     "gate_layer": dict(metavar="NAME", choices=sorted(GATE_LAYERS)),
     "identity_init": dict(action="store_true"),
