@@ -57,8 +57,8 @@ from .plan import SKIP_REASONS, Injection, Site, SitePlan, Skip, Untraceable
 from .trace import ops
 from .utils import version as _version
 
-# The names these two modules had before the rooms, which the README documents
-# (se_inject.ops.InsertedAttention, se_inject.sources.Source): the same module objects.
+# The names these two modules had before the rooms, which the docs use (docs/attentions.md:
+# se_inject.ops.InsertedAttention; docs/saving.md: se_inject.sources.Source): the same module objects.
 _sys.modules[__name__ + ".ops"] = ops
 _sys.modules[__name__ + ".sources"] = sources
 

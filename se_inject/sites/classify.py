@@ -4,7 +4,7 @@
 (``node.meta["tensor_meta"]``, from :class:`se_inject.trace.scopes.ShapeRecorder` or torch's
 ``ShapeProp``). For every add it returns either a :class:`ResidualAdd` (where an SE block goes)
 or a :class:`SkippedAdd` with a reason code from :data:`se_inject.plan.SKIP_REASONS`. The rules,
-and why each exists, are in the README ("What counts as a residual add"). In short, an add
+and why each exists, are in docs/how-it-works.md ("What counts as a residual add"). In short, an add
 ``a + b`` is residual when:
 
 * both operands are floating tensors of one shape, with spatial dims and the batch at dim 0;
