@@ -22,7 +22,14 @@ from se_inject import OptionError, SEBlock, SEOptions
 from se_inject.modules.attentions import ATTENTIONS, GainGate
 from se_inject.trace.ops import ATTENTION_TYPES
 from se_inject.options import POSITIONS
-from tests.helpers import assert_same_snapshot, count_params, randomize_norms, small_resnet, snapshot
+from tests.helpers import (
+    ATTENTION_PAIRS,
+    assert_same_snapshot,
+    count_params,
+    randomize_norms,
+    small_resnet,
+    snapshot,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(2, 3, 32, 32)
@@ -462,17 +469,9 @@ def test_recipes_round_trip_the_new_options_and_old_recipes_still_load(tmp_path)
 
 # -- whole timm models (slow) ----------------------------------------------------------------------
 
-PAIRS = [  # plain, timm's attention model, attn, position, parameter counts plain -> attention
-    ("resnet50d", "ecaresnet50d", "eca", "branch", 25_576_264, 25_576_350),
-    ("resnet26t", "ecaresnet26t", "eca", "branch", 16_011_872, 16_011_916),
-    ("resnet33ts", "seresnet33ts", "se", "mid", 19_676_256, 19_779_200),
-    ("resnet33ts", "gcresnet33ts", "gca", "mid", 19_676_256, 19_880_698),
-    ("resnet33ts", "eca_resnet33ts", "eca", "mid", 19_676_256, 19_676_302),
-]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("plain, attention, attn, position, before, after", PAIRS, ids=[p[1] for p in PAIRS])
+@pytest.mark.parametrize("plain, attention, attn, position, before, after", ATTENTION_PAIRS,
+                         ids=[p[1] for p in ATTENTION_PAIRS])
 def test_timms_attention_models_come_out_of_their_plain_counterparts(plain, attention, attn, position, before, after):
     model, ref = timm.create_model(plain).eval(), timm.create_model(attention).eval()
     out = se_inject.apply(model, attn=attn, position=position).eval()

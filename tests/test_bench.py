@@ -21,8 +21,7 @@ from se_inject.cost import memory, timing
 from se_inject.cost.variants import TWINS, build_variants, timm_twin
 from se_inject.cli import main
 from se_inject.options import SEOptions
-from tests.test_attention import PAIRS as ATTENTION_PAIRS
-from tests.test_timm_equivalence import PAIRS as SE_PAIRS
+from tests.helpers import ATTENTION_PAIRS, SE_PAIRS
 
 TINY = dict(batch_sizes=2, img_size=32, reps=1, warmup=1)
 

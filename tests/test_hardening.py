@@ -31,7 +31,7 @@ from tests.client_helpers import (
     run_cli,
     se_blocks,
 )
-from tests.helpers import ResBlock, randomize_norms, small_resnet
+from tests.helpers import DlaLike, ResBlock, randomize_norms, small_resnet
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 X64 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -580,60 +580,6 @@ def test_identity_init_is_an_identity_or_refused(act, reduction):
 
 
 # == 6. List (and dict) outputs ======================================================================
-
-class Leaf(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-        self.bn = nn.BatchNorm2d(c)
-
-    def forward(self, x, shortcut):
-        return torch.relu(self.bn(self.conv2(torch.relu(self.conv1(x)))) + shortcut)
-
-
-class Mid(nn.Module):
-    """Like timm's DlaTree: takes a shortcut argument it does not use (it computes its own)."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.project = nn.Conv2d(c, c, 1)
-        self.leaf = Leaf(c)
-
-    def forward(self, x, shortcut=None):
-        return self.leaf(x, self.project(x))
-
-
-class Top(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.mid = Mid(c)
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        m = self.mid(x, x)
-        return self.conv2(torch.relu(self.conv1(m))) + m
-
-
-class DlaLike(nn.Module):
-    def __init__(self, output: str) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.top = Top(16)
-        self.output = output
-
-    def forward(self, x):
-        h = self.stem(x)
-        t = self.top(h)
-        if self.output == "list":
-            return [h, t]
-        if self.output == "tuple":
-            return (h, t)
-        if self.output == "dict":
-            return {"h": h, "t": t}
-        return t
-
 
 @pytest.mark.parametrize("output", ["tensor", "tuple", "list", "dict"])
 def test_the_output_container_does_not_change_the_sites(output):

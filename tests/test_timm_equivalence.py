@@ -5,21 +5,12 @@ import timm
 import torch
 
 import se_inject
-from tests.helpers import count_params
+from tests.helpers import SE_PAIRS, count_params
 
 pytestmark = pytest.mark.slow
 
-PAIRS = [
-    ("resnet18", "seresnet18", 11_779_624),
-    ("resnet34", "seresnet34", 21_960_416),
-    ("resnet50", "seresnet50", 28_088_024),
-    ("resnet101", "seresnet101", 49_326_872),
-    ("resnet152", "seresnet152", 66_821_848),
-    ("resnext50_32x4d", "seresnext50_32x4d", 27_559_896),
-]
 
-
-@pytest.mark.parametrize("base, native, params", PAIRS, ids=[p[0] for p in PAIRS])
+@pytest.mark.parametrize("base, native, params", SE_PAIRS, ids=[p[0] for p in SE_PAIRS])
 def test_injected_resnet_is_timms_se_resnet(base, native, params):
     ours = se_inject.apply(timm.create_model(base, pretrained=False), reduction=16)
     theirs = timm.create_model(native, pretrained=False).eval()
