@@ -21,6 +21,7 @@ Run:  PYTHONPATH=$PWD python -m pytest -q tests/test_clients.py -p no:cacheprovi
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import random
@@ -60,8 +61,8 @@ def family(request) -> Family:
     return Family(request.param)
 
 
-def families(heavy: bool = False) -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if heavy and n not in CORE else n for n in FAMILIES]
+def families() -> list[str]:
+    return list(FAMILIES)
 
 
 def randn(shape) -> torch.Tensor:
@@ -293,74 +294,32 @@ def check_features_fx_torchscript(make: Callable[..., nn.Module]) -> None:
 
 # -- the checks, per family -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward(family):
-    on_both(family, check_forward)
+#: The client checks above, each run on the original and on the converted model of every family.
+CHECKS = [check_forward, check_backward, check_default_cfgs, check_forward_torchscript, check_forward_features,
+          check_forward_features_fx, check_forward_intermediates_features, check_forward_intermediates,
+          check_forward_fx, check_backward_fx, check_forward_fx_torchscript, check_symbolic_trace,
+          check_feature_graph_net, check_features_fx_torchscript]
+#: The expensive checks: outside of -m slow they run on the CORE families only.
+HEAVY = (check_forward_torchscript, check_forward_fx_torchscript, check_features_fx_torchscript)
 
 
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_backward(family):
-    on_both(family, check_backward)
+def family_checks() -> list:
+    """Every check on every family, family after family, a heavy check outside CORE marked slow.
+
+    Each test gets its own ``functools.partial`` of its check. pytest groups the tests of a module by
+    equal module-scoped parameters; the checks' own values would group them by check, and the
+    module-scoped ``family`` would then be rebuilt at every test instead of once per family.
+    """
+    return [pytest.param(name, functools.partial(check), id=f"{check.__name__}-{name}",
+                         marks=pytest.mark.slow if check in HEAVY and name not in CORE else ())
+            for name in FAMILIES for check in CHECKS]
 
 
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_default_cfgs(family):
-    on_both(family, check_default_cfgs)
-
-
-@pytest.mark.parametrize("family", families(heavy=True), indirect=True)
-def test_model_forward_torchscript(family):
-    on_both(family, check_forward_torchscript)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_features(family):
-    on_both(family, check_forward_features)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_features_fx(family):
-    on_both(family, check_forward_features_fx)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_intermediates_features(family):
-    on_both(family, check_forward_intermediates_features)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_intermediates(family):
-    on_both(family, check_forward_intermediates)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_fx(family):
-    on_both(family, check_forward_fx)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_backward_fx(family):
-    on_both(family, check_backward_fx)
-
-
-@pytest.mark.parametrize("family", families(heavy=True), indirect=True)
-def test_model_forward_fx_torchscript(family):
-    on_both(family, check_forward_fx_torchscript)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_symbolic_trace(family):
-    on_both(family, check_symbolic_trace)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_feature_graph_net(family):
-    on_both(family, check_feature_graph_net)
-
-
-@pytest.mark.parametrize("family", families(heavy=True), indirect=True)
-def test_model_features_fx_torchscript(family):
-    on_both(family, check_features_fx_torchscript)
+@pytest.mark.parametrize("family, check", family_checks(), indirect=["family"], scope="module")
+def test_client_check_on_both(family, check):
+    """A client check on the original model, then on the converted one: the converted model's test
+    is skipped only where the original fails the same check."""
+    on_both(family, check)
 
 
 @pytest.mark.parametrize("family", families(), indirect=True)
