@@ -1,21 +1,21 @@
-"""Issue 11: converted models work wherever the original works, as clients use them.
+"""Converted models work wherever the original works, as clients use them.
 
 timm's own model tests (huggingface/pytorch-image-models, tests/test_models.py: test_model_forward,
 test_model_backward, test_model_default_cfgs, test_model_forward_torchscript,
 test_model_forward_features, test_model_forward_intermediates(_features), test_model_forward_fx,
 test_model_backward_fx, test_model_forward_fx_torchscript, test_model_forward_torchscript_with_
-features_fx) run here on models converted by ``se_inject.apply``, for seven families. Each check
-runs on the original first (``on_both``): the converted model's test is skipped only where the
-original fails the same check. Differences from timm's tests: smaller inputs (64 px; 96 px for
-features; ``pool_size`` is checked at 64 px with the stride the pretrained_cfg implies), and a few
-checks compare outputs where timm only checks shapes.
+features_fx) run here on models converted by ``se_inject.apply``, for seven families, as one
+parametrised test (``test_client_check_on_both[check_forward-resnet18]``, ...). Each check runs on
+the original first (``on_both``): the converted model's test is skipped only where the original
+fails the same check. Differences from timm's tests: smaller inputs (64 px; 96 px for features;
+``pool_size`` is checked at 64 px with the stride the pretrained_cfg implies), and a few checks
+compare outputs where timm only checks shapes.
 
 Then: torchvision's feature extraction (pytorch/vision test/test_backbone_utils.py) on converted
-torchvision models, timm ``feature_cls='fx'`` feature nets, and the deployment paths (TorchScript
-script / trace / save-load, torch.export, ONNX through onnxruntime).
-
-Run:  PYTHONPATH=$PWD python -m pytest -q tests/test_clients.py -p no:cacheprovider
-      (-m "not slow" leaves out the heavier families of the heavy checks and deployment models)
+torchvision models, timm ``feature_cls='fx'`` feature nets, the activation after the add that SE
+computes, and the deployment paths (TorchScript script / trace / save-load, torch.export, ONNX
+through onnxruntime, torch.compile). ``-m "not slow"`` leaves out the heavier families of the heavy
+checks, and the heavier deployment models.
 """
 
 from __future__ import annotations
@@ -688,3 +688,61 @@ def test_onnx_dynamo_export_runs_in_onnxruntime(name, tmp_path):
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
+
+
+# -- torch.compile and torch.export of whole torchvision models (slow) -----------------------------
+
+MODELS = {
+    "resnet18": torchvision.models.resnet18,
+    "mobilenet_v2": torchvision.models.mobilenet_v2,
+    "convnext_tiny": torchvision.models.convnext_tiny,
+}
+
+
+@pytest.fixture
+def _fresh_dynamo():
+    """A clean dynamo cache before and after a compile test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_fullgraph_matches_eager(name):
+    x = torch.randn(2, 3, 32, 32)
+    model = se_inject.apply(MODELS[name](num_classes=10), example_inputs=x[:1]).eval()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_fresh_dynamo")
+def test_compiled_training_step_matches_eager_gradients():
+    # float64: in float32, inductor's equally valid rounding flips a few BatchNorm/ReLU kinks of a
+    # batch of 4 and moves some gradients by percents, which would hide a real error.
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    model = se_inject.apply(torchvision.models.resnet18(num_classes=10), example_inputs=x[:1].float())
+    model = model.double().train()
+    torch.compile(model, fullgraph=True)(x).square().mean().backward()
+    compiled = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    assert any(".se." in n for n in compiled)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(compiled[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_fresh_dynamo")
+def test_export_matches_eager():
+    x = torch.randn(2, 3, 32, 32)
+    model = se_inject.apply(torchvision.models.resnet18(num_classes=10), example_inputs=x[:1]).eval()
+    exported = torch.export.export(model, (x,))
+    assert any("se.fc1.weight" in name for name in exported.state_dict)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
