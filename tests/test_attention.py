@@ -1,4 +1,4 @@
-"""Issue 13: any channel attention (``attn=``) at any of the SE paper's placements (``position=``).
+"""Any channel attention (``attn=``) at any of the SE paper's placements (``position=``).
 
 The fast part uses small bottleneck nets; whole timm models are marked slow: timm's attention
 models out of their plain counterparts, the five positions on ResNet-50, ConvNeXt, the CLI.
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(2, 3, 32, 32)
 OLD_DEFAULT_OPTIONS = {"reduction": 16, "rd_divisor": 8, "act_layer": "relu", "gate_layer": "sigmoid",
                        "identity_init": False, "include": None, "exclude": [], "min_channels": 1}
-#: What SEOptions() records since issue 12 (the fused residual tail and the kernel choice).
+#: What SEOptions() records: the options above, the fused residual tail and the kernel choice.
 DEFAULT_OPTIONS = {**OLD_DEFAULT_OPTIONS, "fuse_residual": True, "kernels": "auto"}
 IDENTITY_ATTENTIONS = sorted(a for a, spec in ATTENTIONS.items() if spec.zero is not None or a == "se")
 
@@ -453,8 +453,8 @@ def test_recipes_round_trip_the_new_options_and_old_recipes_still_load(tmp_path)
     loaded = se_inject.load(tmp_path / "eca")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=0, atol=0)
-    # A recipe saved before this change: format_version 1, options without attn / position (nor
-    # fuse_residual / kernels, which came with issue 12).
+    # A recipe saved before attn / position existed: format_version 1, options without them (nor
+    # fuse_residual / kernels, which came later).
     plain = se_inject.inject(model, example_inputs=x)
     se_inject.save(plain, tmp_path / "old", model_name="resnet14t")
     path = tmp_path / "old" / "recipe.json"

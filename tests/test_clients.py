@@ -419,8 +419,8 @@ def _tv_model(name: str, converted: bool) -> nn.Module:
 @pytest.mark.parametrize("converted", [False, True], ids=["original", "converted"])
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
 def test_torchvision_create_feature_extractor(name, converted):
-    """The issue's repro: ``create_feature_extractor(converted, return_nodes={'layer4': 'c5'})``;
-    the features must be what those modules output in the model's own forward."""
+    """``create_feature_extractor(converted, return_nodes={'layer4': 'c5'})``: the features must be
+    what those modules output in the model's own forward."""
     model = _tv_model(name, converted)
     train_nodes, eval_nodes = get_graph_node_names(model)
     assert train_nodes == eval_nodes
@@ -519,9 +519,9 @@ ACT_NODES = [("resnet18", ["layer1.0.act2", "layer2.1.act2", "layer4.1.act2"]),
 
 @pytest.mark.parametrize("name, nodes", ACT_NODES, ids=[n for n, _ in ACT_NODES])
 def test_a_feature_extractor_of_the_activations_after_the_adds_works_on_the_converted_model(name, nodes):
-    """Issue 22 row 5: SE that does its add also computes the activation after it, so traces of the
-    converted model lost ``layer1.0.act2`` and ``create_feature_extractor(model, ["layer1.0.act2"])``
-    raised "node 'layer1.0.act2' is not present". The node keeps its name and its values."""
+    """SE that does its add also computes the activation after it, yet traces of the converted model
+    keep the activation's node: ``create_feature_extractor(model, ["layer1.0.act2"])`` finds
+    ``layer1.0.act2`` (not "node 'layer1.0.act2' is not present"), with its name and its values."""
     model = _act_model(name)
     converted = se_inject.apply(model, example_inputs=randn((1, 3, 64, 64)), identity_init=True).eval()
     assert any(getattr(m, "out_act", "none") != "none" for m in converted.modules())  # the tail is fused
@@ -541,9 +541,10 @@ def test_a_feature_extractor_of_the_activations_after_the_adds_works_on_the_conv
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
 @pytest.mark.parametrize("name, nodes", ACT_NODES, ids=[n for n, _ in ACT_NODES])
 def test_hooks_on_the_activation_after_the_add_fire_in_the_converted_model(name, nodes, inplace):
-    """Issue 22 row 5: a forward hook on ``layer1[0].act2`` stayed registered but stopped firing. Hooks
-    registered before apply (carried by the copy, or the caller's own modules with inplace=True) and
-    after it fire with the inputs and outputs of the original; a pre-hook changing the input counts."""
+    """A forward hook on ``layer1[0].act2`` must fire, not just stay registered, though SE computes
+    that activation. Hooks registered before apply (carried by the copy, or the caller's own modules
+    with inplace=True) and after it fire with the inputs and outputs of the original; a pre-hook
+    changing the input counts."""
     model = _act_model(name)
     path = nodes[0].removesuffix("_1")
     x = randn((2, 3, 64, 64))
