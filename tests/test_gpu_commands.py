@@ -95,7 +95,7 @@ def test_the_sections_run_in_priority_order_and_the_docstring_table_gives_each_e
     for name, estimate, total in table[1:]:
         running += estimate
         assert total == running, name
-    # the must-haves (kernel checks, the check, issue 20's batch-256 cells, batch-1 latency) fit the budget
+    # the must-haves (kernel checks, the check, the batch-256 cells, batch-1 latency) fit the budget
     must = dict((name, total) for name, _, total in table)["latency"]
     assert must <= gpu_se.BUDGET_S < gpu_se.HARD_LIMIT_S <= 480
 
