@@ -7,7 +7,7 @@ Every model timing is :func:`se_inject.bench`'s (``se_inject/cost/``, ``se-injec
 interleaved rounds, medians and IQRs, overheads as paired per-round ratios; each compiled cell
 starts from ``torch._dynamo.reset()``, each variant compiles through a code object of its own,
 a recompile-limit hit raises instead of timing eager code as compiled, and a timed round that
-would recompile raises too. ``tests/test_gpu_se_command.py`` replays this command's compiles
+would recompile raises too. ``tests/test_gpu_commands.py`` replays this command's compiles
 in order (tiny models, ``backend="eager"``, a recompile limit of 1) and checks that every
 variant of every compiled cell ran its own freshly compiled graph in every timed iteration.
 

@@ -1,4 +1,6 @@
-"""Helpers for tests/test_clients.py and tests/test_hardening.py (issue 11).
+"""Helpers for the tests that use models as clients do (tests/test_clients.py) and the ones that
+check what a call leaves alone (tests/test_caller_state.py, tests/test_api.py, tests/test_rewrite.py),
+and for running the command line (tests/test_cli.py).
 
 * :class:`Family`: one timm model family, built once per variant and handed out as deep copies, in
   two flavours: the original model and the model converted by ``se_inject.apply``.
@@ -214,7 +216,7 @@ def convert_in_threads(rounds: int = 3, timeout: float = 300.0) -> dict[str, Any
 
     Every conversion must succeed, give the sites a serial conversion gives, and run; afterwards
     torch's process-wide state (``nn.Module.__call__`` / ``__getattr__``, fx's is-tracing flag)
-    must be as before. Meant to run in a subprocess (see tests/test_hardening.py).
+    must be as before. Meant to run in a subprocess (see tests/test_caller_state.py).
     """
     import threading
     import warnings

@@ -1,4 +1,5 @@
-"""Shared helpers for the tests: small models with known residual structure, and graph checks."""
+"""Shared helpers for the tests: small models with known residual structure, graph checks, and the
+model pairs (timm's hand-written twins) that several test files use."""
 
 from __future__ import annotations
 
@@ -148,3 +149,80 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def deepcopy_eval(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
+
+
+# -- a DLA-like net: a block called with an argument it ignores, a block nested in a block ----------
+
+class Leaf(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x, shortcut):
+        return torch.relu(self.bn(self.conv2(torch.relu(self.conv1(x)))) + shortcut)
+
+
+class Mid(nn.Module):
+    """Like timm's DlaTree: takes a shortcut argument it does not use (it computes its own)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.project = nn.Conv2d(c, c, 1)
+        self.leaf = Leaf(c)
+
+    def forward(self, x, shortcut=None):
+        return self.leaf(x, self.project(x))
+
+
+class Top(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.mid = Mid(c)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        m = self.mid(x, x)
+        return self.conv2(torch.relu(self.conv1(m))) + m
+
+
+class DlaLike(nn.Module):
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.top = Top(16)
+        self.output = output
+
+    def forward(self, x):
+        h = self.stem(x)
+        t = self.top(h)
+        if self.output == "list":
+            return [h, t]
+        if self.output == "tuple":
+            return (h, t)
+        if self.output == "dict":
+            return {"h": h, "t": t}
+        return t
+
+
+# -- timm's twins: plain models and the attention models timm builds by hand ------------------------
+
+#: (plain, timm's SE model, parameters of both): se_inject(plain) is exactly the SE model.
+SE_PAIRS = [
+    ("resnet18", "seresnet18", 11_779_624),
+    ("resnet34", "seresnet34", 21_960_416),
+    ("resnet50", "seresnet50", 28_088_024),
+    ("resnet101", "seresnet101", 49_326_872),
+    ("resnet152", "seresnet152", 66_821_848),
+    ("resnext50_32x4d", "seresnext50_32x4d", 27_559_896),
+]
+
+ATTENTION_PAIRS = [  # plain, timm's attention model, attn, position, parameter counts plain -> attention
+    ("resnet50d", "ecaresnet50d", "eca", "branch", 25_576_264, 25_576_350),
+    ("resnet26t", "ecaresnet26t", "eca", "branch", 16_011_872, 16_011_916),
+    ("resnet33ts", "seresnet33ts", "se", "mid", 19_676_256, 19_779_200),
+    ("resnet33ts", "gcresnet33ts", "gca", "mid", 19_676_256, 19_880_698),
+    ("resnet33ts", "eca_resnet33ts", "eca", "mid", 19_676_256, 19_676_302),
+]

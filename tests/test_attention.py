@@ -1,4 +1,4 @@
-"""Issue 13: any channel attention (``attn=``) at any of the SE paper's placements (``position=``).
+"""Any channel attention (``attn=``) at any of the SE paper's placements (``position=``).
 
 The fast part uses small bottleneck nets; whole timm models are marked slow: timm's attention
 models out of their plain counterparts, the five positions on ResNet-50, ConvNeXt, the CLI.
@@ -22,13 +22,20 @@ from se_inject import OptionError, SEBlock, SEOptions
 from se_inject.modules.attentions import ATTENTIONS, GainGate
 from se_inject.trace.ops import ATTENTION_TYPES
 from se_inject.options import POSITIONS
-from tests.helpers import assert_same_snapshot, count_params, randomize_norms, small_resnet, snapshot
+from tests.helpers import (
+    ATTENTION_PAIRS,
+    assert_same_snapshot,
+    count_params,
+    randomize_norms,
+    small_resnet,
+    snapshot,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(2, 3, 32, 32)
 OLD_DEFAULT_OPTIONS = {"reduction": 16, "rd_divisor": 8, "act_layer": "relu", "gate_layer": "sigmoid",
                        "identity_init": False, "include": None, "exclude": [], "min_channels": 1}
-#: What SEOptions() records since issue 12 (the fused residual tail and the kernel choice).
+#: What SEOptions() records: the options above, the fused residual tail and the kernel choice.
 DEFAULT_OPTIONS = {**OLD_DEFAULT_OPTIONS, "fuse_residual": True, "kernels": "auto"}
 IDENTITY_ATTENTIONS = sorted(a for a, spec in ATTENTIONS.items() if spec.zero is not None or a == "se")
 
@@ -446,8 +453,8 @@ def test_recipes_round_trip_the_new_options_and_old_recipes_still_load(tmp_path)
     loaded = se_inject.load(tmp_path / "eca")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=0, atol=0)
-    # A recipe saved before this change: format_version 1, options without attn / position (nor
-    # fuse_residual / kernels, which came with issue 12).
+    # A recipe saved before attn / position existed: format_version 1, options without them (nor
+    # fuse_residual / kernels, which came later).
     plain = se_inject.inject(model, example_inputs=x)
     se_inject.save(plain, tmp_path / "old", model_name="resnet14t")
     path = tmp_path / "old" / "recipe.json"
@@ -462,17 +469,9 @@ def test_recipes_round_trip_the_new_options_and_old_recipes_still_load(tmp_path)
 
 # -- whole timm models (slow) ----------------------------------------------------------------------
 
-PAIRS = [  # plain, timm's attention model, attn, position, parameter counts plain -> attention
-    ("resnet50d", "ecaresnet50d", "eca", "branch", 25_576_264, 25_576_350),
-    ("resnet26t", "ecaresnet26t", "eca", "branch", 16_011_872, 16_011_916),
-    ("resnet33ts", "seresnet33ts", "se", "mid", 19_676_256, 19_779_200),
-    ("resnet33ts", "gcresnet33ts", "gca", "mid", 19_676_256, 19_880_698),
-    ("resnet33ts", "eca_resnet33ts", "eca", "mid", 19_676_256, 19_676_302),
-]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("plain, attention, attn, position, before, after", PAIRS, ids=[p[1] for p in PAIRS])
+@pytest.mark.parametrize("plain, attention, attn, position, before, after", ATTENTION_PAIRS,
+                         ids=[p[1] for p in ATTENTION_PAIRS])
 def test_timms_attention_models_come_out_of_their_plain_counterparts(plain, attention, attn, position, before, after):
     model, ref = timm.create_model(plain).eval(), timm.create_model(attention).eval()
     out = se_inject.apply(model, attn=attn, position=position).eval()

@@ -21,8 +21,7 @@ from se_inject.cost import memory, timing
 from se_inject.cost.variants import TWINS, build_variants, timm_twin
 from se_inject.cli import main
 from se_inject.options import SEOptions
-from tests.test_attention import PAIRS as ATTENTION_PAIRS
-from tests.test_timm_equivalence import PAIRS as SE_PAIRS
+from tests.helpers import ATTENTION_PAIRS, SE_PAIRS
 
 TINY = dict(batch_sizes=2, img_size=32, reps=1, warmup=1)
 
@@ -129,7 +128,7 @@ def test_saved_for_backward_counts_each_storage_once_whatever_views_or_ops_save_
 
 @pytest.mark.slow
 def test_resnet50_training_memory_is_the_issues_figure():
-    """Issue 20: resnet50, batch 8, 128 px, training: 311.9 MiB saved for backward, se_inject and
+    """resnet50, batch 8, 128 px, training: 311.9 MiB saved for backward, se_inject and
     seresnet50 377.4 MiB (+21.0%), with or without fuse_residual."""
     def saved(**options):
         built = build_variants("resnet50", variants=("original", "se_inject", "timm"), options=options, seed=0,

@@ -1,7 +1,16 @@
-"""The installed `se-inject` console script, run in a subprocess as users run it."""
+"""The command line.
+
+The installed ``se-inject`` console script, run in a subprocess as users run it (slow): reports,
+dry runs, conversions, several models, and each failure in one line with its exit status. Then
+``se_inject.cli.main`` in this process, for what it prints: a dry run that explains a model without
+sites, usage errors caught before any work, and plain text off a terminal.
+"""
+
+from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +23,13 @@ from torch import nn
 
 import se_inject
 from se_inject.cli import build_parser, main
-
-pytestmark = pytest.mark.slow
+from tests.client_helpers import run_cli
 
 SCRIPT = Path(sys.executable).with_name("se-inject")
 SMALL = ["--input-size", "3", "64", "64"]
 
+
+# -- the console script, in a subprocess (slow) ----------------------------------------------------
 
 def run(*args: str, env: dict = None) -> subprocess.CompletedProcess:
     assert SCRIPT.exists(), f"console script missing: {SCRIPT} (pip install -e .)"
@@ -27,6 +37,7 @@ def run(*args: str, env: dict = None) -> subprocess.CompletedProcess:
                           env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
+@pytest.mark.slow
 def test_report_json_reproduces_the_resnet50_figures():
     done = run("report", "resnet50", "--json")
     assert done.returncode == 0, done.stderr
@@ -39,6 +50,7 @@ def test_report_json_reproduces_the_resnet50_figures():
     assert r["skipped"] == []
 
 
+@pytest.mark.slow
 def test_report_tables():
     done = run("report", "resnet18", *SMALL)
     assert done.returncode == 0, done.stderr
@@ -46,6 +58,7 @@ def test_report_tables():
         assert text in done.stdout, text
 
 
+@pytest.mark.slow
 def test_sites_dry_run_lists_skipped_adds_with_reasons():
     done = run("sites", "hrnet_w18_small", "--json", *SMALL)
     assert done.returncode == 0, done.stderr
@@ -55,6 +68,7 @@ def test_sites_dry_run_lists_skipped_adds_with_reasons():
     assert all(s["detail"] for s in plan["skipped"])
 
 
+@pytest.mark.slow
 def test_convert_then_load_round_trip_is_exact(tmp_path):
     base = timm.create_model("resnet18", num_classes=5)
     torch.save(base.state_dict(), tmp_path / "resnet18.pth")
@@ -73,6 +87,7 @@ def test_convert_then_load_round_trip_is_exact(tmp_path):
     assert again.returncode == 1 and "--overwrite" in again.stderr
 
 
+@pytest.mark.slow
 def test_several_models_and_globs_end_with_a_summary():
     done = run("report", "resnet1[04]t", "densenet121", *SMALL)
     assert done.returncode == 1  # densenet121 has no residual add
@@ -80,6 +95,7 @@ def test_several_models_and_globs_end_with_a_summary():
     assert "densenet121 has no residual add" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_unknown_model_exits_2_with_suggestions():
     done = run("report", "resnt50")
     assert done.returncode == 2
@@ -89,12 +105,14 @@ def test_unknown_model_exits_2_with_suggestions():
     assert done.returncode == 2 and "no timm model matches" in done.stderr
 
 
+@pytest.mark.slow
 def test_no_residual_adds_exits_1_with_the_reason():
     done = run("report", "vgg11", *SMALL)
     assert done.returncode == 1
     assert "vgg11 has no residual add that can take an SE block (no adds at all)" in done.stderr
 
 
+@pytest.mark.slow
 def test_pretrained_weights_unreachable_is_one_line():
     done = run("report", "resnet18", "--pretrained", env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1
@@ -103,6 +121,7 @@ def test_pretrained_weights_unreachable_is_one_line():
     assert "--checkpoint PATH" in lines[0]
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_exits_1(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     done = run("report", "resnet18", "--checkpoint", str(tmp_path / "junk.pth"), *SMALL)
@@ -110,6 +129,7 @@ def test_bad_checkpoint_exits_1(tmp_path):
     assert "as a .safetensors or torch.save file: this file fails" in done.stderr
 
 
+@pytest.mark.slow
 def test_help_for_every_command_and_option():
     done = run("--help")
     assert done.returncode == 0 and "examples:" in done.stdout
@@ -139,8 +159,92 @@ def se_inject_test_untraceable(pretrained=False, **kwargs):
     return _Untraceable(**kwargs)
 
 
+@pytest.mark.slow
 def test_untraceable_model_exits_1_naming_the_module(capsys):
     # A timm model that fx cannot trace at all has to be registered for the test, in-process.
     assert main(["report", "se_inject_test_untraceable"]) == 1
     err = capsys.readouterr().err
     assert "could not trace _Untraceable (path '<root>')" in err and "control flow" in err
+
+
+# -- main() in this process: what it prints --------------------------------------------------------
+
+def _main(argv: list[str]) -> int:
+    from se_inject.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "ese_vovnet19b_dw"])
+def test_sites_explains_a_model_without_sites(name, capsys):
+    """The dry run exists for exactly this case: it must list what was skipped and why (or say the
+    model has no adds at all), in text and in JSON: not an error pointing at itself, nor
+    ``[]`` for ``--json``."""
+    plan = se_inject.find_sites(timm.create_model(name), example_inputs=torch.randn(1, 3, 64, 64))
+    assert not plan.sites
+    code = _main(["sites", name, *SMALL, "--json"])
+    out = capsys.readouterr()
+    assert code in (0, 1)
+    data = json.loads(out.out)
+    assert isinstance(data, dict) and data["model"] == name and data["sites"] == []
+    assert [(s["name"], s["reason"]) for s in data["skipped"]] == [(s.name, s.reason) for s in plan.skipped]
+
+    code = _main(["sites", name, *SMALL])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code in (0, 1)
+    assert "lists them" not in text, text  # no pointing at itself
+    for skip in plan.skipped:
+        assert skip.name in text and skip.reason in text, (skip, text)
+    if not plan.skipped:
+        assert re.search(r"no (residual )?adds?", text), text
+
+
+def test_a_negative_input_size_is_a_one_line_usage_error():
+    done = run_cli("sites", "resnet18", "--input-size", "3", "-5", "64")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "--input-size" in errors[0], done.stderr
+
+
+def test_convert_out_pointing_at_a_file_fails_before_converting(tmp_path, monkeypatch, capsys):
+    """``convert --out FILE``: one error line naming the file, exit status 1 or 2, no traceback, the
+    file untouched, and no conversion first (not a FileExistsError traceback after converting)."""
+    import se_inject.cli
+
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    converted = []
+    monkeypatch.setattr(se_inject.cli, "inject", lambda *a, **k: converted.append(1) or se_inject.inject(*a, **k))
+    code = _main(["convert", "resnet10t", *SMALL, "--out", str(target)])  # an exception escaping fails here
+    err = capsys.readouterr().err
+    assert code in (1, 2), code
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and str(target) in errors[0], err
+    assert target.read_text() == "keep me"
+    assert not converted, "the model was converted before --out was checked"
+
+
+@pytest.mark.parametrize("args", [
+    ["report", "resnet10t", *SMALL],
+    ["sites", "hrnet_w18_small", *SMALL],
+    ["report", "resnet10t", "efficientnet_b0", *SMALL],
+    ["report", "resnet10t", *SMALL, "--include", "[red]layer9*"],
+    ["report", "resnt10t"],
+], ids=["report", "sites-skipped", "several-with-error", "error-echoing-user-text", "unknown-model"])
+def test_cli_output_off_a_terminal_is_plain_text(args, monkeypatch, capsys):
+    """Off a terminal (captured output), the CLI prints no ANSI escape codes, and text the user gave
+    is printed as given, not read as rich markup ('[red]layer9*' must not become a red 'layer9*')."""
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    _main(list(args))
+    out = capsys.readouterr()
+    for stream in (out.out, out.err):
+        assert "\x1b" not in stream, repr(stream[:500])
+    if "--include" in args:
+        assert "'[red]layer9*'" in out.err, out.err

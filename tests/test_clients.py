@@ -1,26 +1,27 @@
-"""Issue 11: converted models work wherever the original works, as clients use them.
+"""Converted models work wherever the original works, as clients use them.
 
 timm's own model tests (huggingface/pytorch-image-models, tests/test_models.py: test_model_forward,
 test_model_backward, test_model_default_cfgs, test_model_forward_torchscript,
 test_model_forward_features, test_model_forward_intermediates(_features), test_model_forward_fx,
 test_model_backward_fx, test_model_forward_fx_torchscript, test_model_forward_torchscript_with_
-features_fx) run here on models converted by ``se_inject.apply``, for seven families. Each check
-runs on the original first (``on_both``): the converted model's test is skipped only where the
-original fails the same check. Differences from timm's tests: smaller inputs (64 px; 96 px for
-features; ``pool_size`` is checked at 64 px with the stride the pretrained_cfg implies), and a few
-checks compare outputs where timm only checks shapes.
+features_fx) run here on models converted by ``se_inject.apply``, for seven families, as one
+parametrised test (``test_client_check_on_both[check_forward-resnet18]``, ...). Each check runs on
+the original first (``on_both``): the converted model's test is skipped only where the original
+fails the same check. Differences from timm's tests: smaller inputs (64 px; 96 px for features;
+``pool_size`` is checked at 64 px with the stride the pretrained_cfg implies), and a few checks
+compare outputs where timm only checks shapes.
 
 Then: torchvision's feature extraction (pytorch/vision test/test_backbone_utils.py) on converted
-torchvision models, timm ``feature_cls='fx'`` feature nets, and the deployment paths (TorchScript
-script / trace / save-load, torch.export, ONNX through onnxruntime).
-
-Run:  PYTHONPATH=$PWD python -m pytest -q tests/test_clients.py -p no:cacheprovider
-      (-m "not slow" leaves out the heavier families of the heavy checks and deployment models)
+torchvision models, timm ``feature_cls='fx'`` feature nets, the activation after the add that SE
+computes, and the deployment paths (TorchScript script / trace / save-load, torch.export, ONNX
+through onnxruntime, torch.compile). ``-m "not slow"`` leaves out the heavier families of the heavy
+checks, and the heavier deployment models.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import random
@@ -60,8 +61,8 @@ def family(request) -> Family:
     return Family(request.param)
 
 
-def families(heavy: bool = False) -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if heavy and n not in CORE else n for n in FAMILIES]
+def families() -> list[str]:
+    return list(FAMILIES)
 
 
 def randn(shape) -> torch.Tensor:
@@ -293,74 +294,32 @@ def check_features_fx_torchscript(make: Callable[..., nn.Module]) -> None:
 
 # -- the checks, per family -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward(family):
-    on_both(family, check_forward)
+#: The client checks above, each run on the original and on the converted model of every family.
+CHECKS = [check_forward, check_backward, check_default_cfgs, check_forward_torchscript, check_forward_features,
+          check_forward_features_fx, check_forward_intermediates_features, check_forward_intermediates,
+          check_forward_fx, check_backward_fx, check_forward_fx_torchscript, check_symbolic_trace,
+          check_feature_graph_net, check_features_fx_torchscript]
+#: The expensive checks: outside of -m slow they run on the CORE families only.
+HEAVY = (check_forward_torchscript, check_forward_fx_torchscript, check_features_fx_torchscript)
 
 
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_backward(family):
-    on_both(family, check_backward)
+def family_checks() -> list:
+    """Every check on every family, family after family, a heavy check outside CORE marked slow.
+
+    Each test gets its own ``functools.partial`` of its check. pytest groups the tests of a module by
+    equal module-scoped parameters; the checks' own values would group them by check, and the
+    module-scoped ``family`` would then be rebuilt at every test instead of once per family.
+    """
+    return [pytest.param(name, functools.partial(check), id=f"{check.__name__}-{name}",
+                         marks=pytest.mark.slow if check in HEAVY and name not in CORE else ())
+            for name in FAMILIES for check in CHECKS]
 
 
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_default_cfgs(family):
-    on_both(family, check_default_cfgs)
-
-
-@pytest.mark.parametrize("family", families(heavy=True), indirect=True)
-def test_model_forward_torchscript(family):
-    on_both(family, check_forward_torchscript)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_features(family):
-    on_both(family, check_forward_features)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_features_fx(family):
-    on_both(family, check_forward_features_fx)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_intermediates_features(family):
-    on_both(family, check_forward_intermediates_features)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_intermediates(family):
-    on_both(family, check_forward_intermediates)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_forward_fx(family):
-    on_both(family, check_forward_fx)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_backward_fx(family):
-    on_both(family, check_backward_fx)
-
-
-@pytest.mark.parametrize("family", families(heavy=True), indirect=True)
-def test_model_forward_fx_torchscript(family):
-    on_both(family, check_forward_fx_torchscript)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_symbolic_trace(family):
-    on_both(family, check_symbolic_trace)
-
-
-@pytest.mark.parametrize("family", families(), indirect=True)
-def test_model_feature_graph_net(family):
-    on_both(family, check_feature_graph_net)
-
-
-@pytest.mark.parametrize("family", families(heavy=True), indirect=True)
-def test_model_features_fx_torchscript(family):
-    on_both(family, check_features_fx_torchscript)
+@pytest.mark.parametrize("family, check", family_checks(), indirect=["family"], scope="module")
+def test_client_check_on_both(family, check):
+    """A client check on the original model, then on the converted one: the converted model's test
+    is skipped only where the original fails the same check."""
+    on_both(family, check)
 
 
 @pytest.mark.parametrize("family", families(), indirect=True)
@@ -460,8 +419,8 @@ def _tv_model(name: str, converted: bool) -> nn.Module:
 @pytest.mark.parametrize("converted", [False, True], ids=["original", "converted"])
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
 def test_torchvision_create_feature_extractor(name, converted):
-    """The issue's repro: ``create_feature_extractor(converted, return_nodes={'layer4': 'c5'})``;
-    the features must be what those modules output in the model's own forward."""
+    """``create_feature_extractor(converted, return_nodes={'layer4': 'c5'})``: the features must be
+    what those modules output in the model's own forward."""
     model = _tv_model(name, converted)
     train_nodes, eval_nodes = get_graph_node_names(model)
     assert train_nodes == eval_nodes
@@ -560,9 +519,9 @@ ACT_NODES = [("resnet18", ["layer1.0.act2", "layer2.1.act2", "layer4.1.act2"]),
 
 @pytest.mark.parametrize("name, nodes", ACT_NODES, ids=[n for n, _ in ACT_NODES])
 def test_a_feature_extractor_of_the_activations_after_the_adds_works_on_the_converted_model(name, nodes):
-    """Issue 22 row 5: SE that does its add also computes the activation after it, so traces of the
-    converted model lost ``layer1.0.act2`` and ``create_feature_extractor(model, ["layer1.0.act2"])``
-    raised "node 'layer1.0.act2' is not present". The node keeps its name and its values."""
+    """SE that does its add also computes the activation after it, yet traces of the converted model
+    keep the activation's node: ``create_feature_extractor(model, ["layer1.0.act2"])`` finds
+    ``layer1.0.act2`` (not "node 'layer1.0.act2' is not present"), with its name and its values."""
     model = _act_model(name)
     converted = se_inject.apply(model, example_inputs=randn((1, 3, 64, 64)), identity_init=True).eval()
     assert any(getattr(m, "out_act", "none") != "none" for m in converted.modules())  # the tail is fused
@@ -582,9 +541,10 @@ def test_a_feature_extractor_of_the_activations_after_the_adds_works_on_the_conv
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
 @pytest.mark.parametrize("name, nodes", ACT_NODES, ids=[n for n, _ in ACT_NODES])
 def test_hooks_on_the_activation_after_the_add_fire_in_the_converted_model(name, nodes, inplace):
-    """Issue 22 row 5: a forward hook on ``layer1[0].act2`` stayed registered but stopped firing. Hooks
-    registered before apply (carried by the copy, or the caller's own modules with inplace=True) and
-    after it fire with the inputs and outputs of the original; a pre-hook changing the input counts."""
+    """A forward hook on ``layer1[0].act2`` must fire, not just stay registered, though SE computes
+    that activation. Hooks registered before apply (carried by the copy, or the caller's own modules
+    with inplace=True) and after it fire with the inputs and outputs of the original; a pre-hook
+    changing the input counts."""
     model = _act_model(name)
     path = nodes[0].removesuffix("_1")
     x = randn((2, 3, 64, 64))
@@ -729,3 +689,61 @@ def test_onnx_dynamo_export_runs_in_onnxruntime(name, tmp_path):
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
+
+
+# -- torch.compile and torch.export of whole torchvision models (slow) -----------------------------
+
+MODELS = {
+    "resnet18": torchvision.models.resnet18,
+    "mobilenet_v2": torchvision.models.mobilenet_v2,
+    "convnext_tiny": torchvision.models.convnext_tiny,
+}
+
+
+@pytest.fixture
+def _fresh_dynamo():
+    """A clean dynamo cache before and after a compile test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_fullgraph_matches_eager(name):
+    x = torch.randn(2, 3, 32, 32)
+    model = se_inject.apply(MODELS[name](num_classes=10), example_inputs=x[:1]).eval()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_fresh_dynamo")
+def test_compiled_training_step_matches_eager_gradients():
+    # float64: in float32, inductor's equally valid rounding flips a few BatchNorm/ReLU kinks of a
+    # batch of 4 and moves some gradients by percents, which would hide a real error.
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    model = se_inject.apply(torchvision.models.resnet18(num_classes=10), example_inputs=x[:1].float())
+    model = model.double().train()
+    torch.compile(model, fullgraph=True)(x).square().mean().backward()
+    compiled = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    assert any(".se." in n for n in compiled)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(compiled[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_fresh_dynamo")
+def test_export_matches_eager():
+    x = torch.randn(2, 3, 32, 32)
+    model = se_inject.apply(torchvision.models.resnet18(num_classes=10), example_inputs=x[:1]).eval()
+    exported = torch.export.export(model, (x,))
+    assert any("se.fc1.weight" in name for name in exported.state_dict)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Hugging Face transformers vision models (issue 14): sites, the kept class, what fx cannot follow,
+"""Hugging Face transformers vision models: sites, the kept class, what fx cannot follow,
 save_pretrained, recipes from a local config directory, the CLI, and the import boundary.
 
 Every model is built from a config with random weights; nothing is downloaded."""
@@ -279,7 +279,7 @@ def test_a_failed_inplace_swap_takes_transformers_capture_hooks_off_again():
     assert len(model(X, output_hidden_states=True).hidden_states) == 3
 
 
-# -- nothing in a model directory or a recipe runs code, reads other files or downloads (issue 23) ---
+# -- nothing in a model directory or a recipe runs code, reads other files or downloads -----------
 
 def _remote_code_directory(tmp_path: Path, config: dict) -> tuple[Path, Path]:
     """A directory whose config.json asks for custom code in x.py, which would create a marker."""
@@ -373,7 +373,7 @@ def test_a_transformers_recipe_asking_for_a_huge_model_is_refused_before_allocat
         se_inject.load(tmp_path / "se")
 
 
-# -- converted models pickle like the originals (issue 23 row 4) ------------------------------------
+# -- converted models pickle like the originals ----------------------------------------------------
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
 def test_a_converted_convnext_pickles_and_computes_the_same_after_unpickling(how):

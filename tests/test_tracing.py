@@ -1,6 +1,10 @@
-"""The deep scope search on small hand-written models: containers, options baked in, modules whose
-own code fx cannot follow made leaves, opaque leaves' channel dims, and what the rest of the
-pipeline does with such scopes (issue 14)."""
+"""How se_inject traces a model to find its blocks.
+
+The deep scope search on small hand-written models: containers, options baked in, modules whose own
+code fx cannot follow made leaves, opaque leaves' channel dims, and what the rest of the pipeline
+does with such scopes; untraceable roots that fall back to their children, and timm's no-trace
+leaves; and the pieces under it: the tracer, scope discovery, shape propagation, the call recorder.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,26 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
+import timm
 import torch
+from timm.layers import StdConv2d
 from torch import fx, nn
 
 import se_inject
-from se_inject import GraphModuleRootWarning
-from se_inject.trace.record import record_calls
-from se_inject.trace.search import runnable_scopes
+from se_inject import GraphModuleRootWarning, SEBlock
+from se_inject.trace.record import outputs_match, record_calls, recording
+from se_inject.trace.scopes import propagate_shapes
+from se_inject.trace.search import discover_scopes, runnable_scopes
 from se_inject.trace.specialize import trace_as
+from se_inject.trace.tracer import SETracer, trace
 from se_inject.trace.train_mode import _reads_training
 from tests.helpers import ResBlock
 
 X = torch.randn(2, 3, 16, 16)
+X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
+
+# -- the deep scope search -------------------------------------------------------------------------
 
 class TFPadConv(nn.Module):
     """A conv whose padding is computed with int() of the input size, as HF's MobileNetV2ConvLayer."""
@@ -240,3 +251,132 @@ def test_fx_graph_of_a_specialised_scope_takes_only_its_tensors():
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     assert placeholders == ["x"] and isinstance(gm, fx.GraphModule)
     assert type(model.encoder) is Encoder  # the shim is gone
+
+
+# -- untraceable roots fall back to their children; timm's no-trace leaves -------------------------
+
+class UntraceableRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(ResBlock(16, 16), ResBlock(16, 16))
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace the root
+            x = x * 1.0
+        return self.blocks(x)
+
+
+def test_adds_are_found_inside_traceable_submodules_of_an_untraceable_root():
+    model = UntraceableRoot().eval()
+    result = se_inject.inject(model, example_inputs=X32, identity_init=True)
+    assert [u.path for u in result.plan.untraceable] == [""]
+    assert [s.name for s in result.plan.sites] == ["blocks.0.se", "blocks.1.se"]
+    assert type(result.model) is UntraceableRoot
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(X32), model(X32))
+
+
+def test_adds_inside_timm_no_trace_leaves_are_found():
+    # timm registers NormFreeBlock as a leaf that fx must not trace into; its add is inside it.
+    result = se_inject.inject(timm.create_model("nf_resnet50"), identity_init=True)
+    assert len(result.plan.sites) == 16
+    assert result.plan.sites[0].name == "stages.0.0.se"
+    assert isinstance(result.model.stages[0][0].se, SEBlock)
+
+
+def _mutates_its_list(sizes, x):
+    sizes.append(0)  # fx hands a traced call an immutable list: the traced graph fails to run
+    return x
+
+
+torch.fx.wrap("_mutates_its_list")
+
+
+class TracedRootFails(UntraceableRoot):
+    def forward(self, x):
+        return self.blocks(_mutates_its_list([1, 2], self.stem(x)))
+
+
+def test_a_traced_graph_that_fails_to_run_falls_back_to_the_children():
+    model = TracedRootFails().eval()
+    result = se_inject.inject(model, example_inputs=X32, identity_init=True)
+    assert result.plan.untraceable[0].path == ""
+    assert "the traced graph fails at <root>" in result.plan.untraceable[0].error
+    assert [s.name for s in result.plan.sites] == ["blocks.0.se", "blocks.1.se"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(X32), model(X32))
+
+
+# -- the tracer ------------------------------------------------------------------------------------
+
+def test_tracer_keeps_convs_norms_and_timm_layers_as_leaves():
+    model = nn.Sequential(StdConv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    gm = trace(model)
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_module", "call_module", "output"]
+    assert all("nn_module_stack" in n.meta for n in gm.graph.nodes if n.op == "call_module")
+
+
+def test_tracer_extra_leaves_are_kept_whole():
+    block = ResBlock(8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), block)
+    tracer = SETracer(extra_leaves=[block])
+    graph = tracer.trace(model)
+    assert [n.target for n in graph.nodes if n.op == "call_module"] == ["0", "1"]
+
+
+# -- scopes, shapes and the call recorder ----------------------------------------------------------
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(ResBlock(8, 8), ResBlock(8, 8))
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.blocks(x)
+
+
+def test_discover_scopes_falls_back_to_children():
+    scopes, untraceable = discover_scopes(Untraceable())
+    assert [s.path for s in scopes] == ["blocks"]
+    assert [u.path for u in untraceable] == [""] and "TraceError" in untraceable[0].error
+
+
+def test_propagate_shapes_records_inputs_calls_and_faithfulness():
+    model = Untraceable().eval()
+    scopes, _ = discover_scopes(model)
+    _, failed = propagate_shapes(model, scopes, (X,))
+    (scope,) = scopes
+    assert failed == [] and scope.calls == 1 and scope.faithful and scope.batch_size == 2
+    assert scope.args[0].shape == (2, 8, 16, 16)
+    shapes = {n.target: tuple(n.meta["tensor_meta"].shape) for n in scope.gm.graph.nodes if n.op == "call_module"}
+    assert shapes["0.conv1"] == shapes["1.bn2"] == (2, 8, 16, 16)
+
+
+def test_runnable_scopes_skips_the_children_of_nothing_and_reports_the_root():
+    scopes, untraceable, output = runnable_scopes(Untraceable().eval(), (X,))
+    assert [s.path for s in scopes] == ["blocks"] and output.shape == (2, 8, 16, 16)
+
+
+def test_recording_keeps_first_call_clones_and_removes_its_hooks():
+    relu = nn.ReLU()
+    model = nn.Sequential(relu, relu)
+    with recording([relu]) as calls:
+        model(torch.tensor([-1.0, 2.0]))
+    call = calls[id(relu)]
+    assert call.count == 2 and torch.equal(call.args[0], torch.tensor([-1.0, 2.0]))
+    assert torch.equal(call.output, torch.tensor([0.0, 2.0]))
+    assert not relu._forward_hooks and not relu._forward_pre_hooks
+
+
+def test_outputs_match_reports_structure_shape_and_value_differences():
+    t = torch.ones(2)
+    assert outputs_match((t, t), (t, t.clone())) is None
+    assert outputs_match((t,), [t]) == "the output structure differs"
+    assert outputs_match(t, torch.ones(3)) == "an output shape differs"
+    assert outputs_match(t, t + 1) == "max |difference| 1"

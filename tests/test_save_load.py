@@ -1,6 +1,18 @@
-"""Saving and loading converted models: exact round trip, and every bad file refused clearly."""
+"""Saving and loading converted models.
+
+Exact round trips (bf16 too); checkpoints read without pickle; save checking what it writes (the
+model it names, kwargs that change the computation but no tensor, mixed dtypes); overwrites that
+replace a saved directory whole, or leave the previous save as it was; and every bad directory,
+weights file or recipe refused clearly, before anything is read, run, downloaded or allocated.
+"""
+
+from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -8,11 +20,16 @@ import timm
 import torch
 
 import se_inject
-from se_inject import CheckpointError, RecipeError, UnknownModelError
+import se_inject.io.recipe as recipe_module
+from se_inject import CheckpointError, RecipeError, SEInjectError, UnknownModelError
+from se_inject.io import atomic_dir
 from se_inject.io.recipe import RECIPE_FILE, WEIGHTS_FILE, _sha256, read_recipe
 
 X64 = torch.randn(2, 3, 64, 64)
+X64_1 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # a batch of one
 
+
+# -- round trips and checkpoints -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
@@ -40,6 +57,17 @@ def test_round_trip_is_exact(saved):
     assert float(loaded.layer1[0].se.gain) == 2.0  # identity init is part of the recipe
     with torch.no_grad():
         assert torch.equal(loaded(X64), model(X64))
+
+
+def test_a_bf16_model_loads_back_as_bf16(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t").to(torch.bfloat16)
+    result = se_inject.inject(model, example_inputs=X64_1.to(torch.bfloat16))
+    se_inject.save(result, tmp_path / "bf16", model_name="resnet10t")
+    loaded = se_inject.load(tmp_path / "bf16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for (k, a), b in zip(result.model.state_dict().items(), loaded.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
 
 
 def test_recipe_records_source_options_sites_and_versions(saved):
@@ -166,7 +194,45 @@ def test_checkpoints_are_read_without_pickle(tmp_path):
         se_inject.load_checkpoint(timm.create_model("resnet50"), tmp_path / "wrapped.pth")
 
 
-# -- save checks what the rebuilt model computes (issue 22 row 9) ------------------------------------
+def test_a_legacy_torch_save_state_dict_is_read(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) writes the pre-1.6 format, which
+    torch.load(weights_only=True) reads safely; a pickle that runs code must still be refused."""
+    state = timm.create_model("resnet10t").state_dict()
+    path = tmp_path / "legacy.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    read = se_inject.read_state_dict(path)
+    assert list(read) == list(state) and all(torch.equal(read[k], v) for k, v in state.items())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "x": Evil()}, evil, _use_new_zipfile_serialization=False)
+    with pytest.raises(se_inject.CheckpointError):
+        se_inject.read_state_dict(evil)
+
+
+# -- save checks the model it names and what the rebuilt model computes ----------------------------
+
+def _resnet10t_result(**kw):
+    torch.manual_seed(0)
+    return se_inject.inject(timm.create_model("resnet10t", **kw), example_inputs=X64_1)
+
+
+@pytest.mark.parametrize("model_name, model_kwargs, message", [
+    ("resnet1Ot", {}, r"resnet1Ot"),                      # not a timm model
+    ("resnet18", {}, r"resnet18"),                        # a timm model, but not this one
+    ("resnet10t", {"num_classes": 10}, r"num_classes|model_kwargs"),  # not how it was built
+    ("resnet10t", {"no_such_kwarg": 1}, r"no_such_kwarg"),
+], ids=["unknown-name", "other-model", "other-num-classes", "bad-kwarg"])
+def test_save_checks_the_name_and_kwargs_before_writing(tmp_path, model_name, model_kwargs, message):
+    result = _resnet10t_result()
+    out = tmp_path / "saved"
+    with pytest.raises(SEInjectError, match=message):
+        se_inject.save(result, out, model_name=model_name, model_kwargs=model_kwargs)
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
 
 def _tiny(seed=0, **kwargs):
     torch.manual_seed(seed)
@@ -221,19 +287,7 @@ def test_save_refuses_a_model_of_mixed_floating_dtypes(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# -- an overwrite replaces the directory as a whole (issue 22 row 10) --------------------------------
-
-import os  # noqa: E402
-import shutil  # noqa: E402
-import stat  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import se_inject.io.recipe as recipe_module  # noqa: E402
-
-try:
-    from se_inject.io import atomic_dir
-except ImportError:  # before se_inject wrote a new directory and swapped it in
-    atomic_dir = None
+# -- an overwrite replaces the directory as a whole ------------------------------------------------
 
 # Every call save makes that writes, renames or creates something.
 STEPS = [(os, "rename"), (os, "replace"), (os, "mkdir"), (shutil, "copymode"), (safetensors.torch, "save_model"),
@@ -324,6 +378,36 @@ def test_an_overwrite_through_save_fails_whole_and_then_succeeds_whole(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
+def test_a_failed_overwrite_keeps_the_previous_save(tmp_path, monkeypatch):
+    """save(overwrite=True) fails after it has started writing (here: writing the recipe fails, as on
+    a full disk). The previous save must still load, with its own weights: write beside, then
+    rename (weights replaced first would no longer match the old recipe's checksum)."""
+    out = tmp_path / "saved"
+    torch.manual_seed(0)
+    small = se_inject.inject(timm.create_model("test_resnet"), example_inputs=X64_1)
+    se_inject.save(small, out, model_name="test_resnet")
+    expected = {k: v.clone() for k, v in small.model.state_dict().items()}
+    big = _resnet10t_result()
+
+    def disk_full(real):
+        def write(obj, *args, **kwargs):
+            if isinstance(obj, dict) and "format_version" in obj:
+                raise OSError(28, "No space left on device")
+            return real(obj, *args, **kwargs)
+        return write
+
+    monkeypatch.setattr(json, "dumps", disk_full(json.dumps))
+    monkeypatch.setattr(json, "dump", disk_full(json.dump))
+    with pytest.raises(OSError, match="No space left"):
+        se_inject.save(big, out, model_name="resnet10t", overwrite=True)
+    monkeypatch.undo()
+    loaded = se_inject.load(out)
+    state = loaded.state_dict()
+    assert set(state) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+
+
 def test_a_saved_directory_has_the_usual_permissions_and_an_overwrite_keeps_them(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
@@ -353,7 +437,7 @@ def test_a_first_save_into_a_directory_of_other_files_keeps_them(tmp_path):
     se_inject.load(tmp_path)
 
 
-# -- a recipe names a model and its options, nothing else (issue 23 rows 2 and 3) -------------------
+# -- a recipe names a model and its options, nothing else ------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"checkpoint_path": "/etc/hostname"}, r"source\.kwargs\.checkpoint_path='/etc/hostname' would make timm read a "
@@ -452,6 +536,20 @@ def test_load_bounds_the_model_size_before_allocating_it(saved, tmp_path, monkey
     assert max(allocated, default=0) < 10 ** 8
     with pytest.raises(se_inject.OptionError, match="max_parameters must be a positive integer or None"):
         se_inject.load(directory, max_parameters=True)
+
+
+def test_a_tampered_recipe_input_shape_is_refused_before_allocating(tmp_path):
+    """example_input_shape [1, 3, 10**6, 10**6] asks for 12 TB: load must refuse the recipe
+    (RecipeError naming the field), not try to allocate it (a RuntimeError from the allocator;
+    a shape a little smaller would take all the memory of the machine)."""
+    result = _resnet10t_result()
+    out = tmp_path / "saved"
+    se_inject.save(result, out, model_name="resnet10t")
+    recipe = json.loads((out / "recipe.json").read_text())
+    recipe["example_input_shape"] = [1, 3, 10 ** 6, 10 ** 6]
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(RecipeError, match=r"example_input_shape"):
+        se_inject.load(out)
 
 
 @pytest.mark.parametrize("changes, message", [
